@@ -1,0 +1,96 @@
+//! Command-line definitions shared by the subcommands, and the dispatch to them.
+
+mod score;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use armorm::input::ColumnNames;
+use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
+use armorm::model::ArmoRMConfig;
+use armorm::scorer::Scorer;
+
+#[derive(Parser)]
+#[command(name = "armorm", version, about = "Score prompt/response pairs with the ArmoRM reward model")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score a dataset: every row gets score, rewards, gating, coefficients and num_tokens.
+    Score(score::ScoreArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Score(args) => score::run(args),
+    }
+}
+
+/// Which model, where it runs, and how rows are batched.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A model directory, or a Hugging Face repo id (read from the standard HF cache, else downloaded).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// cpu, cuda, cuda:N or metal [default: the first CUDA device if there is one, else cpu]
+    #[arg(long)]
+    device: Option<String>,
+    /// Compute dtype of the backbone: auto is bf16 on GPU and f32 on CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
+    dtype: String,
+    /// Padded tokens per forward pass (rows × longest row). Results do not depend on it.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch_tokens: u64,
+    /// Longest conversation accepted, in tokens [default: the model's max_position_embeddings].
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+/// A loaded scorer and what output metadata needs to say about it.
+pub struct Loaded {
+    pub scorer: Scorer,
+    pub config: ArmoRMConfig,
+    pub files: ModelFiles,
+    pub dtype: candle_core::DType,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        let files = loader::resolve(&self.model, self.revision.as_deref())?;
+        let device = loader::device(self.device.as_deref())?;
+        let dtype = loader::dtype(&self.dtype, &device)?;
+        let (model, config, encoder) =
+            loader::load(&files, &device, dtype).with_context(|| format!("loading model {}", files.name))?;
+        let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
+        let scorer = Scorer::new(model, encoder, self.max_batch_tokens as usize, max_length);
+        Ok(Loaded { scorer, config, files, dtype })
+    }
+}
+
+/// The columns that hold each row's conversation.
+#[derive(Args)]
+pub struct ColumnArgs {
+    #[arg(long, default_value = "prompt")]
+    prompt_column: String,
+    #[arg(long, default_value = "response")]
+    response_column: String,
+    /// A list of {role, content}; used instead of prompt/response when present.
+    #[arg(long, default_value = "messages")]
+    messages_column: String,
+}
+
+impl ColumnArgs {
+    pub fn names(&self) -> ColumnNames {
+        ColumnNames {
+            prompt: self.prompt_column.clone(),
+            response: self.response_column.clone(),
+            messages: self.messages_column.clone(),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! From a conversation to model input: chat template, tokenizer ids, and the gating position.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::chat::{check_conversation, ChatTemplate, Message, TemplateError};
+
+/// The text whose token ids mark where the prompt ends: ArmoRM's gating network reads the hidden state
+/// at the first of these ids, at their last occurrence.
+pub const GATING_TEXT: &str = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Tokenizer { path: String, message: String },
+    #[error("{path}: {source}")]
+    Template {
+        path: String,
+        source: TemplateError,
+    },
+    #[error("the tokenizer encodes the gating text {GATING_TEXT:?} to no ids")]
+    NoPattern,
+}
+
+/// A conversation ready for the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// Index in `ids` of the gating token.
+    pub gate: usize,
+}
+
+pub struct Encoder {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    pattern: Vec<u32>,
+    vocab_size: usize,
+}
+
+impl Encoder {
+    /// `dir` holds tokenizer.json and tokenizer_config.json; `vocab_size` is the embedding's row count.
+    pub fn from_dir(dir: &Path, vocab_size: usize) -> Result<Self, EncoderError> {
+        let tok_path = dir.join("tokenizer.json");
+        let cfg_path = dir.join("tokenizer_config.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| EncoderError::Tokenizer {
+            path: tok_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let cfg = std::fs::read_to_string(&cfg_path).map_err(|source| EncoderError::Read {
+            path: cfg_path.display().to_string(),
+            source,
+        })?;
+        let template =
+            ChatTemplate::from_tokenizer_config(&cfg).map_err(|source| EncoderError::Template {
+                path: cfg_path.display().to_string(),
+                source,
+            })?;
+        Self::new(tokenizer, template, vocab_size).map_err(|e| match e {
+            EncoderError::Tokenizer { message, .. } => EncoderError::Tokenizer {
+                path: tok_path.display().to_string(),
+                message,
+            },
+            e => e,
+        })
+    }
+
+    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, vocab_size: usize) -> Result<Self, EncoderError> {
+        let pattern = encode_plain(&tokenizer, GATING_TEXT).map_err(|message| EncoderError::Tokenizer {
+            path: String::new(),
+            message,
+        })?;
+        if pattern.is_empty() {
+            return Err(EncoderError::NoPattern);
+        }
+        Ok(Self {
+            tokenizer,
+            template,
+            pattern,
+            vocab_size,
+        })
+    }
+
+    pub fn gating_pattern(&self) -> &[u32] {
+        &self.pattern
+    }
+
+    /// Renders, tokenizes (without adding special tokens: the template writes BOS) and finds the gate.
+    /// The error is a sentence about the row, for the caller to place.
+    pub fn encode(&self, messages: &[Message]) -> Result<Encoded, String> {
+        check_conversation(messages)?;
+        let text = self.template.render(messages).map_err(|e| e.to_string())?;
+        let ids = encode_plain(&self.tokenizer, &text)?;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            let token = self.tokenizer.id_to_token(id).unwrap_or_default();
+            return Err(format!(
+                "the text contains token {token:?} (id {id}), which has no embedding (vocab_size {})",
+                self.vocab_size
+            ));
+        }
+        let gate = find_last(&ids, &self.pattern).ok_or_else(|| {
+            "no prompt before the response: the gating tokens <|eot_id|><|start_header_id|>assistant... \
+             do not occur"
+                .to_string()
+        })?;
+        Ok(Encoded { ids, gate })
+    }
+}
+
+fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
+    tokenizer
+        .encode(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| format!("tokenizer: {e}"))
+}
+
+/// Start of the last occurrence of `pattern` in `ids`.
+pub fn find_last(ids: &[u32], pattern: &[u32]) -> Option<usize> {
+    if pattern.is_empty() || ids.len() < pattern.len() {
+        return None;
+    }
+    (0..=ids.len() - pattern.len())
+        .rev()
+        .find(|&j| &ids[j..j + pattern.len()] == pattern)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_start_of_last_occurrence() {
+        let p = [7, 8];
+        assert_eq!(find_last(&[7, 8, 1, 7, 8, 2], &p), Some(3));
+        assert_eq!(find_last(&[7, 8], &p), Some(0));
+        assert_eq!(find_last(&[8, 7], &p), None);
+        assert_eq!(find_last(&[7], &p), None);
+        assert_eq!(find_last(&[1, 2], &[]), None);
+    }
+}

@@ -1,0 +1,220 @@
+//! Finds a model's files (a local directory or a Hugging Face hub repo) and builds the scorer from them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+
+use crate::encoder::{Encoder, EncoderError};
+use crate::model::{ArmoRM, ArmoRMConfig};
+
+pub const DEFAULT_MODEL: &str = "RLHFlow/ArmoRM-Llama3-8B-v0.1";
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+const SIDE_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error(
+        "model {repo} (revision {revision}) is not in the Hugging Face cache at {cache} and could not be \
+         downloaded: {message}.\nDownload it where there is network (`huggingface-cli download {repo}`) and \
+         copy the cache here, or pass --model DIR: a directory with config.json, tokenizer.json, \
+         tokenizer_config.json and the safetensors weights"
+    )]
+    Hub {
+        repo: String,
+        revision: String,
+        cache: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Encoder(#[from] EncoderError),
+    #[error("loading weights from {dir}: {source}")]
+    Weights { dir: String, source: candle_core::Error },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Where a model's files are, and what to call it in output metadata.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub name: String,
+    pub revision: Option<String>,
+}
+
+/// `model` is a directory if one exists at that path, else a hub repo id.
+pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles, LoadError> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(ModelFiles {
+            dir: path.to_path_buf(),
+            weights: local_weights(path)?,
+            name: model.to_string(),
+            revision: None,
+        });
+    }
+    let looks_like_repo = model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
+    if !looks_like_repo {
+        return Err(LoadError::File {
+            path: model.to_string(),
+            message: "no such model directory (nor a hub repo id like RLHFlow/ArmoRM-Llama3-8B-v0.1)".into(),
+        });
+    }
+    from_hub(model, revision.unwrap_or("main"))
+}
+
+fn local_weights(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join(INDEX);
+    if index.is_file() {
+        return shard_names(&index).map(|names| names.iter().map(|n| dir.join(n)).collect());
+    }
+    let single = dir.join(SINGLE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(LoadError::File {
+        path: dir.display().to_string(),
+        message: format!("no {INDEX} or {SINGLE} in this directory"),
+    })
+}
+
+/// The distinct shard files named by a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<BTreeSet<String>, LoadError> {
+    let err = |message: String| LoadError::File {
+        path: index.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| err(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| err("no weight_map object".into()))?;
+    map.values()
+        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| err("weight_map values must be file names".into())))
+        .collect()
+}
+
+fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles, LoadError> {
+    let cache = Cache::from_env();
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let cached = cache.repo(repo.clone());
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let hub_err = |message: String| LoadError::Hub {
+        repo: repo_id.to_string(),
+        revision: revision.to_string(),
+        cache: cache.path().display().to_string(),
+        message,
+    };
+    let api = if offline {
+        None
+    } else {
+        Some(
+            ApiBuilder::from_cache(cache.clone())
+                .with_progress(false)
+                .with_token(std::env::var("HF_TOKEN").ok().or_else(|| cache.token()))
+                .build()
+                .map_err(|e| hub_err(e.to_string()))?
+                .repo(repo.clone()),
+        )
+    };
+    // The cache first, so that files Python users already downloaded are used without network.
+    let fetch = |file: &str| -> Result<PathBuf, LoadError> {
+        if let Some(p) = cached.get(file) {
+            return Ok(p);
+        }
+        match &api {
+            None => Err(hub_err(format!("{file} is not cached and HF_HUB_OFFLINE is set"))),
+            Some(api) => api.get(file).map_err(|e| hub_err(format!("{file}: {e}"))),
+        }
+    };
+    let mut dir = None;
+    for f in SIDE_FILES {
+        dir = fetch(f)?.parent().map(Path::to_path_buf);
+    }
+    let weights = match fetch(INDEX) {
+        Ok(index) => shard_names(&index)?
+            .iter()
+            .map(|n| fetch(n))
+            .collect::<Result<Vec<_>, _>>()?,
+        Err(_) => vec![fetch(SINGLE)?],
+    };
+    Ok(ModelFiles {
+        dir: dir.unwrap_or_default(),
+        weights,
+        name: repo_id.to_string(),
+        revision: Some(revision.to_string()),
+    })
+}
+
+pub fn read_config(dir: &Path) -> Result<ArmoRMConfig, LoadError> {
+    let path = dir.join("config.json");
+    let err = |message: String| LoadError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let cfg: ArmoRMConfig = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    cfg.validate().map_err(err)?;
+    Ok(cfg)
+}
+
+/// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`; `None` picks the first CUDA device when there is one.
+pub fn device(spec: Option<&str>) -> Result<Device, LoadError> {
+    let err = |e: candle_core::Error, what: &str| LoadError::Device(format!("{what}: {e}"));
+    let Some(spec) = spec else {
+        return Device::cuda_if_available(0).map_err(|e| err(e, "cuda:0"));
+    };
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .map_err(|_| LoadError::Device(format!("bad device {spec:?}: expected cpu, cuda, cuda:N or metal")))?,
+        ),
+        None => (spec, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(ordinal).map_err(|e| err(e, spec)),
+        "cuda" => Err(LoadError::Device(
+            "this armorm was built without CUDA: rebuild with `--features cuda`".into(),
+        )),
+        "metal" => Device::new_metal(ordinal).map_err(|e| err(e, spec)),
+        _ => Err(LoadError::Device(format!(
+            "bad device {spec:?}: expected cpu, cuda, cuda:N or metal"
+        ))),
+    }
+}
+
+/// `auto` is bf16 on a GPU (the checkpoint's own dtype) and f32 on CPU, where bf16 is widened anyway.
+pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
+    match spec {
+        "auto" if device.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::BF16),
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(LoadError::Device(format!("bad dtype {other:?}: expected auto, f32, bf16 or f16"))),
+    }
+}
+
+/// The model, its config and its encoder, ready to score.
+pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<(ArmoRM, ArmoRMConfig, Encoder), LoadError> {
+    let cfg = read_config(&files.dir)?;
+    let encoder = Encoder::from_dir(&files.dir, cfg.vocab_size)?;
+    let weights_err = |source| LoadError::Weights {
+        dir: files.dir.display().to_string(),
+        source,
+    };
+    // SAFETY: the weights are memory-mapped read-only; as in every safetensors loader, they must not
+    // be modified by another process while armorm runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(weights_err)?;
+    let model = ArmoRM::load(vb, &cfg).map_err(weights_err)?;
+    Ok((model, cfg, encoder))
+}

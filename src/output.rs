@@ -1,0 +1,273 @@
+//! Output: score columns appended to the input's own, written as Parquet or JSONL, never half-finished.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use tempfile::NamedTempFile;
+
+use crate::scorer::RowScore;
+
+/// The columns armorm adds, in order.
+pub const SCORE_COLUMNS: [&str; 5] = ["score", "rewards", "gating", "coefficients", "num_tokens"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{path}: {message}")]
+    Path { path: String, message: String },
+    #[error("{0}")]
+    Polars(#[from] PolarsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Parquet,
+    Jsonl,
+}
+
+/// Where results go: a file (written beside the target, renamed into place at the end) or stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub path: Option<PathBuf>,
+    pub format: Format,
+}
+
+impl Target {
+    /// `-` is JSONL on stdout; otherwise the extension decides.
+    pub fn parse(spec: &str) -> Result<Self, OutputError> {
+        if spec == "-" {
+            return Ok(Self { path: None, format: Format::Jsonl });
+        }
+        let ext = Path::new(spec)
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let format = match ext.as_str() {
+            "parquet" | "pq" => Format::Parquet,
+            "jsonl" | "ndjson" | "json" => Format::Jsonl,
+            _ => {
+                return Err(OutputError::Path {
+                    path: spec.to_string(),
+                    message: "unknown output format: expected .parquet, .jsonl or - (JSONL on stdout)".into(),
+                })
+            }
+        };
+        Ok(Self { path: Some(PathBuf::from(spec)), format })
+    }
+
+    /// Without `-o`: INPUT's stem + `.scores.parquet` beside it; stdin goes to stdout.
+    pub fn default_for(input: &str) -> Self {
+        if input == "-" {
+            return Self { path: None, format: Format::Jsonl };
+        }
+        let p = Path::new(input);
+        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+        Self {
+            path: Some(p.with_file_name(format!("{stem}.scores.parquet"))),
+            format: Format::Parquet,
+        }
+    }
+}
+
+/// The input's columns followed by `SCORE_COLUMNS`.
+pub fn with_scores(frame: &DataFrame, scores: &[RowScore]) -> Result<DataFrame, OutputError> {
+    if let Some(name) = SCORE_COLUMNS.iter().find(|c| frame.column(c).is_ok()) {
+        return Err(OutputError::Path {
+            path: "input".into(),
+            message: format!("the input already has a column `{name}`, which armorm writes; rename or drop it"),
+        });
+    }
+    let n = scores.len();
+    let list = |name: &str, get: fn(&RowScore) -> &[f32]| -> Column {
+        let width = scores.first().map_or(0, |s| get(s).len());
+        let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(name.into(), n, n * width, DataType::Float32);
+        for s in scores {
+            b.append_slice(get(s));
+        }
+        b.finish().into_series().into_column()
+    };
+    let columns = vec![
+        Column::new("score".into(), scores.iter().map(|s| s.score).collect::<Vec<f32>>()),
+        list("rewards", |s| &s.rewards),
+        list("gating", |s| &s.gating),
+        list("coefficients", |s| &s.coefficients),
+        Column::new("num_tokens".into(), scores.iter().map(|s| s.num_tokens as i64).collect::<Vec<i64>>()),
+    ];
+    Ok(frame.hstack(&columns)?)
+}
+
+/// Gives a later chunk the columns and types of the first one (several inputs make one dataset).
+pub fn conform(frame: DataFrame, schema: &Schema) -> Result<DataFrame, String> {
+    if frame.schema().as_ref() == schema {
+        return Ok(frame);
+    }
+    let mut columns = Vec::with_capacity(schema.len());
+    for (name, dtype) in schema.iter() {
+        let col = frame
+            .column(name)
+            .map_err(|_| format!("has no column `{name}`, which the first input has"))?;
+        let col = col
+            .cast(dtype)
+            .map_err(|e| format!("column `{name}` is {} where the first input has {dtype}: {e}", col.dtype()))?;
+        columns.push(col);
+    }
+    if let Some(extra) = frame.get_column_names().into_iter().find(|n| schema.get(n).is_none()) {
+        return Err(format!("has a column `{extra}` that the first input lacks"));
+    }
+    DataFrame::new_infer_height(columns).map_err(|e| e.to_string())
+}
+
+/// A streaming writer of scored chunks.
+pub trait Sink {
+    fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError>;
+    /// Makes the output complete and visible; without it nothing appears at the target path.
+    fn finish(self: Box<Self>) -> Result<(), OutputError>;
+}
+
+pub fn open(target: &Target, metadata: Vec<(String, String)>) -> Result<Box<dyn Sink>, OutputError> {
+    match (&target.path, target.format) {
+        (None, _) => Ok(Box::new(JsonlSink { out: BufWriter::new(Box::new(std::io::stdout()) as Box<dyn Write>), tmp: None })),
+        (Some(path), Format::Jsonl) => {
+            let (tmp, file) = staging(path)?;
+            Ok(Box::new(JsonlSink { out: BufWriter::new(Box::new(file) as Box<dyn Write>), tmp: Some((tmp, path.clone())) }))
+        }
+        (Some(path), Format::Parquet) => {
+            let (tmp, file) = staging(path)?;
+            Ok(Box::new(ParquetSink { tmp, file: Some(file), writer: None, target: path.clone(), metadata }))
+        }
+    }
+}
+
+/// A hidden temporary file beside `path`: deleted if the run fails, renamed over `path` when it ends well.
+fn staging(path: &Path) -> Result<(NamedTempFile, File), OutputError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".partial");
+    // tempfile's default 0600 would outlive the rename; ask for what any new file gets (umask applies).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder
+        .tempfile_in(dir)
+        .map_err(|e| OutputError::Path {
+            path: path.display().to_string(),
+            message: format!("cannot create the output file: {e}"),
+        })?;
+    let file = tmp.reopen()?;
+    Ok((tmp, file))
+}
+
+fn publish(tmp: NamedTempFile, target: &Path) -> Result<(), OutputError> {
+    tmp.as_file().sync_all()?;
+    tmp.persist(target).map_err(|e| OutputError::Path {
+        path: target.display().to_string(),
+        message: format!("cannot move the finished output into place: {}", e.error),
+    })?;
+    Ok(())
+}
+
+struct JsonlSink {
+    out: BufWriter<Box<dyn Write>>,
+    tmp: Option<(NamedTempFile, PathBuf)>,
+}
+
+impl Sink for JsonlSink {
+    fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError> {
+        // Serialized in memory first, so that a closed stdout surfaces as a plain io::Error.
+        let mut buf = Vec::new();
+        JsonWriter::new(&mut buf).with_json_format(JsonFormat::JsonLines).finish(frame)?;
+        self.out.write_all(&buf)?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<(), OutputError> {
+        self.out.flush()?;
+        drop(self.out);
+        match self.tmp {
+            Some((tmp, target)) => publish(tmp, &target),
+            None => Ok(()),
+        }
+    }
+}
+
+struct ParquetSink {
+    tmp: NamedTempFile,
+    file: Option<File>,
+    writer: Option<polars::io::parquet::write::BatchedWriter<File>>,
+    target: PathBuf,
+    metadata: Vec<(String, String)>,
+}
+
+impl ParquetSink {
+    fn writer(&mut self, schema: &Schema) -> Result<&mut polars::io::parquet::write::BatchedWriter<File>, OutputError> {
+        if self.writer.is_none() {
+            let file = self.file.take().ok_or_else(|| OutputError::Path {
+                path: self.target.display().to_string(),
+                message: "writer reopened".into(),
+            })?;
+            let writer = ParquetWriter::new(file)
+                .with_key_value_metadata(Some(KeyValueMetadata::from_static(self.metadata.clone())))
+                .batched(schema)?;
+            self.writer = Some(writer);
+        }
+        Ok(self.writer.as_mut().expect("set above"))
+    }
+}
+
+impl Sink for ParquetSink {
+    fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError> {
+        let schema = frame.schema().clone();
+        // One row group per chunk: rows become readable as soon as their chunk is scored.
+        self.writer(&schema)?.write_batch(frame)?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<(), OutputError> {
+        if self.writer.is_none() {
+            // No rows at all: still a valid file, with the score columns.
+            let empty = with_scores(&DataFrame::empty(), &[])?;
+            self.writer(&empty.schema().clone())?;
+        }
+        if let Some(w) = self.writer.take() {
+            w.finish()?;
+        }
+        publish(self.tmp, &self.target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(Target::parse("-").unwrap().format, Format::Jsonl);
+        assert_eq!(Target::parse("a/b.parquet").unwrap().format, Format::Parquet);
+        assert_eq!(Target::parse("b.jsonl").unwrap().format, Format::Jsonl);
+        assert!(Target::parse("b.csv").is_err());
+        assert_eq!(Target::default_for("data/x.jsonl").path.unwrap(), PathBuf::from("data/x.scores.parquet"));
+        assert_eq!(Target::default_for("-").path, None);
+    }
+
+    #[test]
+    fn score_columns_follow_input_columns() {
+        let df = DataFrame::new_infer_height(vec![Column::new("id".into(), vec!["a", "b"])]).unwrap();
+        let s = |x: f32| RowScore { score: x, rewards: vec![x, 1.0], gating: vec![0.5, 0.5], coefficients: vec![1.0, 0.0], num_tokens: 3 };
+        let out = with_scores(&df, &[s(1.0), s(2.0)]).unwrap();
+        let names: Vec<String> = out.get_column_names().iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, ["id", "score", "rewards", "gating", "coefficients", "num_tokens"]);
+        assert_eq!(out.column("score").unwrap().f32().unwrap().get(1), Some(2.0));
+        assert!(with_scores(&out.select(["score"]).unwrap(), &[s(1.0), s(2.0)]).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Scores conversations: encode, bucket by length, run the model, and return rows in input order.
+
+use candle_core::Tensor;
+
+use crate::batch;
+use crate::chat::Message;
+use crate::encoder::{Encoded, Encoder};
+use crate::model::{ArmoRM, FlatBatch, HeadOutput};
+
+/// Every output of the model for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowScore {
+    pub score: f32,
+    pub rewards: Vec<f32>,
+    pub gating: Vec<f32>,
+    pub coefficients: Vec<f32>,
+    pub num_tokens: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    /// A row that cannot be scored; `row` indexes the slice given to `score`.
+    #[error("{message}")]
+    Row { row: usize, message: String },
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+pub struct Scorer {
+    model: ArmoRM,
+    encoder: Encoder,
+    max_batch_tokens: usize,
+    max_length: usize,
+}
+
+impl Scorer {
+    pub fn new(model: ArmoRM, encoder: Encoder, max_batch_tokens: usize, max_length: usize) -> Self {
+        Self {
+            model,
+            encoder,
+            max_batch_tokens: max_batch_tokens.max(1),
+            max_length,
+        }
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub fn encode(&self, messages: &[Message]) -> Result<Encoded, String> {
+        let enc = self.encoder.encode(messages)?;
+        if enc.ids.len() > self.max_length {
+            return Err(format!(
+                "the conversation is {} tokens, over --max-length {}; armorm never truncates silently",
+                enc.ids.len(),
+                self.max_length
+            ));
+        }
+        Ok(enc)
+    }
+
+    /// Scores `conversations`, returned in the same order.
+    pub fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<RowScore>, ScoreError> {
+        let encoded = conversations
+            .iter()
+            .enumerate()
+            .map(|(row, m)| self.encode(m).map_err(|message| ScoreError::Row { row, message }))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.score_encoded(&encoded)
+    }
+
+    pub fn score_encoded(&self, encoded: &[Encoded]) -> Result<Vec<RowScore>, ScoreError> {
+        let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+        let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
+        for rows in batch::plan(&lens, self.max_batch_tokens) {
+            let mut flat = FlatBatch::new();
+            for &i in &rows {
+                flat.push(&encoded[i].ids, encoded[i].gate);
+            }
+            let scored = unpack(&self.model.forward(&flat)?, &flat.lens())?;
+            for (i, s) in rows.into_iter().zip(scored) {
+                out[i] = Some(s);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {
+    let rows = |t: &Tensor| t.to_vec2::<f32>();
+    let (rewards, gating, coefficients) = (rows(&out.rewards)?, rows(&out.gating)?, rows(&out.coefficients)?);
+    let score = out.score.to_vec1::<f32>()?;
+    Ok(score
+        .into_iter()
+        .zip(rewards)
+        .zip(gating)
+        .zip(coefficients)
+        .zip(lens)
+        .map(|((((score, rewards), gating), coefficients), &num_tokens)| RowScore {
+            score,
+            rewards,
+            gating,
+            coefficients,
+            num_tokens,
+        })
+        .collect())
+}

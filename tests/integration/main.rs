@@ -1,0 +1,8 @@
+//! armorm's integration tests: one binary (one link of polars and candle), driving the real `armorm`
+//! against the committed fixtures and their transformers goldens.
+
+mod common;
+mod errors;
+mod formats;
+mod parity;
+mod tokens;
