@@ -160,7 +160,10 @@ mod tests {
     fn renders_llama3_with_bos_and_trimmed_contents() {
         let t = ChatTemplate::from_tokenizer_config(LLAMA3).unwrap();
         let text = t
-            .render(&[Message::new("user", "  hi \u{1f}\n"), Message::new("assistant", "\tyo ")])
+            .render(&[
+                Message::new("user", "  hi \u{1f}\n"),
+                Message::new("assistant", "\tyo "),
+            ])
             .unwrap();
         assert_eq!(
             text,
@@ -174,7 +177,9 @@ mod tests {
         let u = Message::new("user", "q");
         let a = Message::new("assistant", "r");
         assert!(check_conversation(&[u.clone(), a.clone()]).is_ok());
-        assert!(check_conversation(&[a.clone(), u.clone()]).unwrap_err().contains("last message"));
+        assert!(check_conversation(&[a.clone(), u.clone()])
+            .unwrap_err()
+            .contains("last message"));
         assert!(check_conversation(&[Message::new("robot", "x"), a.clone()])
             .unwrap_err()
             .contains("robot"));

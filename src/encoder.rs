@@ -20,10 +20,7 @@ pub enum EncoderError {
     #[error("{path}: {message}")]
     Tokenizer { path: String, message: String },
     #[error("{path}: {source}")]
-    Template {
-        path: String,
-        source: TemplateError,
-    },
+    Template { path: String, source: TemplateError },
     #[error("the tokenizer encodes the gating text {GATING_TEXT:?} to no ids")]
     NoPattern,
 }
@@ -70,11 +67,16 @@ impl Encoder {
         })
     }
 
-    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, vocab_size: usize) -> Result<Self, EncoderError> {
-        let pattern = encode_plain(&tokenizer, GATING_TEXT).map_err(|message| EncoderError::Tokenizer {
-            path: String::new(),
-            message,
-        })?;
+    pub fn new(
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        vocab_size: usize,
+    ) -> Result<Self, EncoderError> {
+        let pattern =
+            encode_plain(&tokenizer, GATING_TEXT).map_err(|message| EncoderError::Tokenizer {
+                path: String::new(),
+                message,
+            })?;
         if pattern.is_empty() {
             return Err(EncoderError::NoPattern);
         }

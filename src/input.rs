@@ -83,19 +83,31 @@ pub trait ChunkSource {
 }
 
 /// Opens `path` by its extension; `-` is JSONL on stdin.
-pub fn open(path: &str, names: &ColumnNames, chunk_rows: usize) -> Result<Box<dyn ChunkSource>, InputError> {
+pub fn open(
+    path: &str,
+    names: &ColumnNames,
+    chunk_rows: usize,
+) -> Result<Box<dyn ChunkSource>, InputError> {
     if path == "-" {
         let stdin = BufReader::new(std::io::stdin());
-        return Ok(Box::new(JsonlSource::new(stdin, "<stdin>", names, chunk_rows)));
+        return Ok(Box::new(JsonlSource::new(
+            stdin, "<stdin>", names, chunk_rows,
+        )));
     }
     let ext = Path::new(path)
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let file = File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
+    let file =
+        File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
     match ext.as_str() {
-        "jsonl" | "ndjson" | "json" => Ok(Box::new(JsonlSource::new(BufReader::new(file), path, names, chunk_rows))),
+        "jsonl" | "ndjson" | "json" => Ok(Box::new(JsonlSource::new(
+            BufReader::new(file),
+            path,
+            names,
+            chunk_rows,
+        ))),
         "parquet" | "pq" => Ok(Box::new(ParquetSource::new(file, path, names, chunk_rows)?)),
         _ => Err(InputError::new(
             path,
@@ -192,20 +204,22 @@ impl<R: BufRead> JsonlSource<R> {
         let schema = match &self.schema {
             Some(s) => s.clone(),
             None => {
-                let s = polars::io::ndjson::infer_schema(&mut Cursor::new(bytes), None)
-                    .map_err(|e| InputError::new(&span, None, format!("cannot infer columns: {e}")))?;
+                let s = polars::io::ndjson::infer_schema(&mut Cursor::new(bytes), None).map_err(
+                    |e| InputError::new(&span, None, format!("cannot infer columns: {e}")),
+                )?;
                 let s: SchemaRef = Arc::new(s);
                 self.schema = Some(s.clone());
                 s
             }
         };
-        polars::io::ndjson::core::parse_ndjson(bytes, Some(locations.len()), &schema, false).map_err(|e| {
-            InputError::new(
-                &span,
-                None,
-                format!("values do not fit the column types of the first rows: {e}"),
-            )
-        })
+        polars::io::ndjson::core::parse_ndjson(bytes, Some(locations.len()), &schema, false)
+            .map_err(|e| {
+                InputError::new(
+                    &span,
+                    None,
+                    format!("values do not fit the column types of the first rows: {e}"),
+                )
+            })
     }
 }
 
@@ -244,7 +258,10 @@ pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult
     let text = |name: &str| -> FieldResult<String> {
         match obj.get(name) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => Err((Some(name.to_string()), format!("expected a string, got {}", kind(v)))),
+            Some(v) => Err((
+                Some(name.to_string()),
+                format!("expected a string, got {}", kind(v)),
+            )),
             None => Err((Some(name.to_string()), "missing".to_string())),
         }
     };
@@ -256,7 +273,10 @@ pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult
 
 fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message>> {
     let Value::Array(items) = value else {
-        return Err((Some(field.to_string()), format!("expected a list of messages, got {}", kind(value))));
+        return Err((
+            Some(field.to_string()),
+            format!("expected a list of messages, got {}", kind(value)),
+        ));
     };
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -291,10 +311,18 @@ pub struct ParquetSource {
 }
 
 impl ParquetSource {
-    fn new(file: File, path: &str, names: &ColumnNames, chunk_rows: usize) -> Result<Self, InputError> {
-        let total = ParquetReader::new(file.try_clone().map_err(|e| InputError::new(path, None, e))?)
-            .num_rows()
-            .map_err(|e| InputError::new(path, None, format!("not a readable Parquet file: {e}")))?;
+    fn new(
+        file: File,
+        path: &str,
+        names: &ColumnNames,
+        chunk_rows: usize,
+    ) -> Result<Self, InputError> {
+        let total = ParquetReader::new(
+            file.try_clone()
+                .map_err(|e| InputError::new(path, None, e))?,
+        )
+        .num_rows()
+        .map_err(|e| InputError::new(path, None, format!("not a readable Parquet file: {e}")))?;
         Ok(Self {
             file,
             path: path.to_string(),
@@ -312,11 +340,16 @@ impl ChunkSource for ParquetSource {
             return Ok(None);
         }
         let len = self.chunk_rows.min(self.total - self.offset);
-        let file = self.file.try_clone().map_err(|e| InputError::new(&self.path, None, e))?;
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| InputError::new(&self.path, None, e))?;
         let frame = ParquetReader::new(file)
             .with_slice(Some((self.offset, len)))
             .finish()
-            .map_err(|e| InputError::new(&self.path, None, format!("cannot read Parquet rows: {e}")))?;
+            .map_err(|e| {
+                InputError::new(&self.path, None, format!("cannot read Parquet rows: {e}"))
+            })?;
         let locations: Vec<Location> = (0..frame.height())
             .map(|i| Location::Row {
                 file: self.path.clone(),
@@ -344,13 +377,19 @@ pub fn conversations_from_frame(
     let col_err = |name: &str, msg: String| InputError::new(file, Some(name), msg);
     if let Ok(col) = frame.column(&names.messages) {
         let list = col.list().map_err(|_| {
-            col_err(&names.messages, format!("expected list<struct{{role, content}}>, got {}", col.dtype()))
+            col_err(
+                &names.messages,
+                format!(
+                    "expected list<struct{{role, content}}>, got {}",
+                    col.dtype()
+                ),
+            )
         })?;
         return (0..frame.height())
             .map(|i| {
-                let series = list.get_as_series(i).ok_or_else(|| {
-                    InputError::new(&locations[i], Some(&names.messages), "null")
-                })?;
+                let series = list
+                    .get_as_series(i)
+                    .ok_or_else(|| InputError::new(&locations[i], Some(&names.messages), "null"))?;
                 let messages = messages_from_series(&series, &names.messages)
                     .map_err(|(f, m)| InputError::new(&locations[i], f.as_deref(), m))?;
                 check_conversation(&messages)
@@ -369,7 +408,12 @@ pub fn conversations_from_frame(
                 ),
             )
         })?;
-        col.str().map_err(|_| col_err(name, format!("expected a string column, got {}", col.dtype())))
+        col.str().map_err(|_| {
+            col_err(
+                name,
+                format!("expected a string column, got {}", col.dtype()),
+            )
+        })
     };
     let prompts = text_col(&names.prompt)?;
     let responses = text_col(&names.response)?;
@@ -390,9 +434,12 @@ pub fn conversations_from_frame(
 
 fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Message>> {
     let bad = |msg: String| (Some(field.to_string()), msg);
-    let st = series
-        .struct_()
-        .map_err(|_| bad(format!("expected list<struct{{role, content}}>, got list<{}>", series.dtype())))?;
+    let st = series.struct_().map_err(|_| {
+        bad(format!(
+            "expected list<struct{{role, content}}>, got list<{}>",
+            series.dtype()
+        ))
+    })?;
     let part = |key: &str| -> FieldResult<StringChunked> {
         let s = st
             .field_by_name(key)
@@ -422,7 +469,10 @@ mod tests {
     use super::*;
 
     fn conv(json: &str) -> FieldResult<Vec<Message>> {
-        conversation_from_json(&serde_json::from_str(json).unwrap(), &ColumnNames::default())
+        conversation_from_json(
+            &serde_json::from_str(json).unwrap(),
+            &ColumnNames::default(),
+        )
     }
 
     #[test]
@@ -431,13 +481,29 @@ mod tests {
             conv(r#"{"prompt": "q", "response": "r", "id": 3}"#).unwrap(),
             vec![Message::new("user", "q"), Message::new("assistant", "r")]
         );
-        let m = conv(r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}"#);
+        let m = conv(
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}"#,
+        );
         assert_eq!(m.unwrap().len(), 2);
-        let e = conv(r#"{"messages": [{"role": "assistant", "content": "r"}, {"role": "user", "content": "q"}]}"#);
+        let e = conv(
+            r#"{"messages": [{"role": "assistant", "content": "r"}, {"role": "user", "content": "q"}]}"#,
+        );
         assert_eq!(e.unwrap_err().0.as_deref(), Some("messages"));
-        assert_eq!(conv(r#"[1]"#).unwrap_err().1, "expected a JSON object, got an array");
-        assert_eq!(conv(r#"{"prompt": 1, "response": "r"}"#).unwrap_err(), (Some("prompt".into()), "expected a string, got a number".into()));
-        assert_eq!(conv(r#"{"prompt": "q"}"#).unwrap_err().0.as_deref(), Some("response"));
+        assert_eq!(
+            conv(r#"[1]"#).unwrap_err().1,
+            "expected a JSON object, got an array"
+        );
+        assert_eq!(
+            conv(r#"{"prompt": 1, "response": "r"}"#).unwrap_err(),
+            (
+                Some("prompt".into()),
+                "expected a string, got a number".into()
+            )
+        );
+        assert_eq!(
+            conv(r#"{"prompt": "q"}"#).unwrap_err().0.as_deref(),
+            Some("response")
+        );
         assert!(conv(r#"{"id": 1}"#).unwrap_err().1.contains("neither"));
         let e = conv(r#"{"messages": [{"role": "user", "content": null}]}"#).unwrap_err();
         assert_eq!(e.0.as_deref(), Some("messages[0].content"));
@@ -454,7 +520,10 @@ mod tests {
         assert!(src.next_chunk().unwrap().is_none());
         assert_eq!(c1.frame.height(), 1);
         assert_eq!(c2.locations[0].to_string(), "x.jsonl: line 3");
-        assert_eq!(c2.frame.column("id").unwrap().i64().unwrap().get(0), Some(2));
+        assert_eq!(
+            c2.frame.column("id").unwrap().i64().unwrap().get(0),
+            Some(2)
+        );
     }
 
     #[test]
@@ -462,6 +531,9 @@ mod tests {
         let data = "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\", \"response\": \n";
         let mut src = JsonlSource::new(Cursor::new(data), "x.jsonl", &ColumnNames::default(), 10);
         let e = src.next_chunk().err().unwrap();
-        assert!(e.to_string().starts_with("x.jsonl: line 2: malformed JSON"), "{e}");
+        assert!(
+            e.to_string().starts_with("x.jsonl: line 2: malformed JSON"),
+            "{e}"
+        );
     }
 }

@@ -34,7 +34,10 @@ pub enum LoadError {
     #[error("{0}")]
     Encoder(#[from] EncoderError),
     #[error("loading weights from {dir}: {source}")]
-    Weights { dir: String, source: candle_core::Error },
+    Weights {
+        dir: String,
+        source: candle_core::Error,
+    },
     #[error("{0}")]
     Device(String),
 }
@@ -59,11 +62,14 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles, LoadEr
             revision: None,
         });
     }
-    let looks_like_repo = model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
+    let looks_like_repo =
+        model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
     if !looks_like_repo {
         return Err(LoadError::File {
             path: model.to_string(),
-            message: "no such model directory (nor a hub repo id like RLHFlow/ArmoRM-Llama3-8B-v0.1)".into(),
+            message:
+                "no such model directory (nor a hub repo id like RLHFlow/ArmoRM-Llama3-8B-v0.1)"
+                    .into(),
         });
     }
     from_hub(model, revision.unwrap_or("main"))
@@ -97,7 +103,11 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>, LoadError> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| err("no weight_map object".into()))?;
     map.values()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| err("weight_map values must be file names".into())))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| err("weight_map values must be file names".into()))
+        })
         .collect()
 }
 
@@ -105,7 +115,8 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles, LoadError> {
     let cache = Cache::from_env();
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let cached = cache.repo(repo.clone());
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let hub_err = |message: String| LoadError::Hub {
         repo: repo_id.to_string(),
         revision: revision.to_string(),
@@ -130,7 +141,9 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles, LoadError> {
             return Ok(p);
         }
         match &api {
-            None => Err(hub_err(format!("{file} is not cached and HF_HUB_OFFLINE is set"))),
+            None => Err(hub_err(format!(
+                "{file} is not cached and HF_HUB_OFFLINE is set"
+            ))),
             Some(api) => api.get(file).map_err(|e| hub_err(format!("{file}: {e}"))),
         }
     };
@@ -174,8 +187,11 @@ pub fn device(spec: Option<&str>) -> Result<Device, LoadError> {
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => (
             k,
-            n.parse::<usize>()
-                .map_err(|_| LoadError::Device(format!("bad device {spec:?}: expected cpu, cuda, cuda:N or metal")))?,
+            n.parse::<usize>().map_err(|_| {
+                LoadError::Device(format!(
+                    "bad device {spec:?}: expected cpu, cuda, cuda:N or metal"
+                ))
+            })?,
         ),
         None => (spec, 0),
     };
@@ -200,12 +216,18 @@ pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        other => Err(LoadError::Device(format!("bad dtype {other:?}: expected auto, f32, bf16 or f16"))),
+        other => Err(LoadError::Device(format!(
+            "bad dtype {other:?}: expected auto, f32, bf16 or f16"
+        ))),
     }
 }
 
 /// The model, its config and its encoder, ready to score.
-pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<(ArmoRM, ArmoRMConfig, Encoder), LoadError> {
+pub fn load(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+) -> Result<(ArmoRM, ArmoRMConfig, Encoder), LoadError> {
     let cfg = read_config(&files.dir)?;
     let encoder = Encoder::from_dir(&files.dir, cfg.vocab_size)?;
     let weights_err = |source| LoadError::Weights {
@@ -214,7 +236,8 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<(ArmoRM
     };
     // SAFETY: the weights are memory-mapped read-only; as in every safetensors loader, they must not
     // be modified by another process while armorm runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }.map_err(weights_err)?;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+        .map_err(weights_err)?;
     let model = ArmoRM::load(vb, &cfg).map_err(weights_err)?;
     Ok((model, cfg, encoder))
 }

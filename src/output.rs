@@ -39,30 +39,40 @@ impl Target {
     /// `-` is JSONL on stdout; otherwise the extension decides.
     pub fn parse(spec: &str) -> Result<Self, OutputError> {
         if spec == "-" {
-            return Ok(Self { path: None, format: Format::Jsonl });
+            return Ok(Self {
+                path: None,
+                format: Format::Jsonl,
+            });
         }
         let ext = Path::new(spec)
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let format = match ext.as_str() {
-            "parquet" | "pq" => Format::Parquet,
-            "jsonl" | "ndjson" | "json" => Format::Jsonl,
-            _ => {
-                return Err(OutputError::Path {
+        let format =
+            match ext.as_str() {
+                "parquet" | "pq" => Format::Parquet,
+                "jsonl" | "ndjson" | "json" => Format::Jsonl,
+                _ => return Err(OutputError::Path {
                     path: spec.to_string(),
-                    message: "unknown output format: expected .parquet, .jsonl or - (JSONL on stdout)".into(),
-                })
-            }
-        };
-        Ok(Self { path: Some(PathBuf::from(spec)), format })
+                    message:
+                        "unknown output format: expected .parquet, .jsonl or - (JSONL on stdout)"
+                            .into(),
+                }),
+            };
+        Ok(Self {
+            path: Some(PathBuf::from(spec)),
+            format,
+        })
     }
 
     /// Without `-o`: INPUT's stem + `.scores.parquet` beside it; stdin goes to stdout.
     pub fn default_for(input: &str) -> Self {
         if input == "-" {
-            return Self { path: None, format: Format::Jsonl };
+            return Self {
+                path: None,
+                format: Format::Jsonl,
+            };
         }
         let p = Path::new(input);
         let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
@@ -78,24 +88,40 @@ pub fn with_scores(frame: &DataFrame, scores: &[RowScore]) -> Result<DataFrame, 
     if let Some(name) = SCORE_COLUMNS.iter().find(|c| frame.column(c).is_ok()) {
         return Err(OutputError::Path {
             path: "input".into(),
-            message: format!("the input already has a column `{name}`, which armorm writes; rename or drop it"),
+            message: format!(
+                "the input already has a column `{name}`, which armorm writes; rename or drop it"
+            ),
         });
     }
     let n = scores.len();
     let list = |name: &str, get: fn(&RowScore) -> &[f32]| -> Column {
         let width = scores.first().map_or(0, |s| get(s).len());
-        let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(name.into(), n, n * width, DataType::Float32);
+        let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+            name.into(),
+            n,
+            n * width,
+            DataType::Float32,
+        );
         for s in scores {
             b.append_slice(get(s));
         }
         b.finish().into_series().into_column()
     };
     let columns = vec![
-        Column::new("score".into(), scores.iter().map(|s| s.score).collect::<Vec<f32>>()),
+        Column::new(
+            "score".into(),
+            scores.iter().map(|s| s.score).collect::<Vec<f32>>(),
+        ),
         list("rewards", |s| &s.rewards),
         list("gating", |s| &s.gating),
         list("coefficients", |s| &s.coefficients),
-        Column::new("num_tokens".into(), scores.iter().map(|s| s.num_tokens as i64).collect::<Vec<i64>>()),
+        Column::new(
+            "num_tokens".into(),
+            scores
+                .iter()
+                .map(|s| s.num_tokens as i64)
+                .collect::<Vec<i64>>(),
+        ),
     ];
     Ok(frame.hstack(&columns)?)
 }
@@ -110,12 +136,19 @@ pub fn conform(frame: DataFrame, schema: &Schema) -> Result<DataFrame, String> {
         let col = frame
             .column(name)
             .map_err(|_| format!("has no column `{name}`, which the first input has"))?;
-        let col = col
-            .cast(dtype)
-            .map_err(|e| format!("column `{name}` is {} where the first input has {dtype}: {e}", col.dtype()))?;
+        let col = col.cast(dtype).map_err(|e| {
+            format!(
+                "column `{name}` is {} where the first input has {dtype}: {e}",
+                col.dtype()
+            )
+        })?;
         columns.push(col);
     }
-    if let Some(extra) = frame.get_column_names().into_iter().find(|n| schema.get(n).is_none()) {
+    if let Some(extra) = frame
+        .get_column_names()
+        .into_iter()
+        .find(|n| schema.get(n).is_none())
+    {
         return Err(format!("has a column `{extra}` that the first input lacks"));
     }
     DataFrame::new_infer_height(columns).map_err(|e| e.to_string())
@@ -128,16 +161,31 @@ pub trait Sink {
     fn finish(self: Box<Self>) -> Result<(), OutputError>;
 }
 
-pub fn open(target: &Target, metadata: Vec<(String, String)>) -> Result<Box<dyn Sink>, OutputError> {
+pub fn open(
+    target: &Target,
+    metadata: Vec<(String, String)>,
+) -> Result<Box<dyn Sink>, OutputError> {
     match (&target.path, target.format) {
-        (None, _) => Ok(Box::new(JsonlSink { out: BufWriter::new(Box::new(std::io::stdout()) as Box<dyn Write>), tmp: None })),
+        (None, _) => Ok(Box::new(JsonlSink {
+            out: BufWriter::new(Box::new(std::io::stdout()) as Box<dyn Write>),
+            tmp: None,
+        })),
         (Some(path), Format::Jsonl) => {
             let (tmp, file) = staging(path)?;
-            Ok(Box::new(JsonlSink { out: BufWriter::new(Box::new(file) as Box<dyn Write>), tmp: Some((tmp, path.clone())) }))
+            Ok(Box::new(JsonlSink {
+                out: BufWriter::new(Box::new(file) as Box<dyn Write>),
+                tmp: Some((tmp, path.clone())),
+            }))
         }
         (Some(path), Format::Parquet) => {
             let (tmp, file) = staging(path)?;
-            Ok(Box::new(ParquetSink { tmp, file: Some(file), writer: None, target: path.clone(), metadata }))
+            Ok(Box::new(ParquetSink {
+                tmp,
+                file: Some(file),
+                writer: None,
+                target: path.clone(),
+                metadata,
+            }))
         }
     }
 }
@@ -158,12 +206,10 @@ fn staging(path: &Path) -> Result<(NamedTempFile, File), OutputError> {
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| OutputError::Path {
-            path: path.display().to_string(),
-            message: format!("cannot create the output file: {e}"),
-        })?;
+    let tmp = builder.tempfile_in(dir).map_err(|e| OutputError::Path {
+        path: path.display().to_string(),
+        message: format!("cannot create the output file: {e}"),
+    })?;
     let file = tmp.reopen()?;
     Ok((tmp, file))
 }
@@ -186,7 +232,9 @@ impl Sink for JsonlSink {
     fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError> {
         // Serialized in memory first, so that a closed stdout surfaces as a plain io::Error.
         let mut buf = Vec::new();
-        JsonWriter::new(&mut buf).with_json_format(JsonFormat::JsonLines).finish(frame)?;
+        JsonWriter::new(&mut buf)
+            .with_json_format(JsonFormat::JsonLines)
+            .finish(frame)?;
         self.out.write_all(&buf)?;
         Ok(())
     }
@@ -210,7 +258,10 @@ struct ParquetSink {
 }
 
 impl ParquetSink {
-    fn writer(&mut self, schema: &Schema) -> Result<&mut polars::io::parquet::write::BatchedWriter<File>, OutputError> {
+    fn writer(
+        &mut self,
+        schema: &Schema,
+    ) -> Result<&mut polars::io::parquet::write::BatchedWriter<File>, OutputError> {
         if self.writer.is_none() {
             let file = self.file.take().ok_or_else(|| OutputError::Path {
                 path: self.target.display().to_string(),
@@ -253,21 +304,51 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(Target::parse("-").unwrap().format, Format::Jsonl);
-        assert_eq!(Target::parse("a/b.parquet").unwrap().format, Format::Parquet);
+        assert_eq!(
+            Target::parse("a/b.parquet").unwrap().format,
+            Format::Parquet
+        );
         assert_eq!(Target::parse("b.jsonl").unwrap().format, Format::Jsonl);
         assert!(Target::parse("b.csv").is_err());
-        assert_eq!(Target::default_for("data/x.jsonl").path.unwrap(), PathBuf::from("data/x.scores.parquet"));
+        assert_eq!(
+            Target::default_for("data/x.jsonl").path.unwrap(),
+            PathBuf::from("data/x.scores.parquet")
+        );
         assert_eq!(Target::default_for("-").path, None);
     }
 
     #[test]
     fn score_columns_follow_input_columns() {
-        let df = DataFrame::new_infer_height(vec![Column::new("id".into(), vec!["a", "b"])]).unwrap();
-        let s = |x: f32| RowScore { score: x, rewards: vec![x, 1.0], gating: vec![0.5, 0.5], coefficients: vec![1.0, 0.0], num_tokens: 3 };
+        let df =
+            DataFrame::new_infer_height(vec![Column::new("id".into(), vec!["a", "b"])]).unwrap();
+        let s = |x: f32| RowScore {
+            score: x,
+            rewards: vec![x, 1.0],
+            gating: vec![0.5, 0.5],
+            coefficients: vec![1.0, 0.0],
+            num_tokens: 3,
+        };
         let out = with_scores(&df, &[s(1.0), s(2.0)]).unwrap();
-        let names: Vec<String> = out.get_column_names().iter().map(|n| n.to_string()).collect();
-        assert_eq!(names, ["id", "score", "rewards", "gating", "coefficients", "num_tokens"]);
-        assert_eq!(out.column("score").unwrap().f32().unwrap().get(1), Some(2.0));
+        let names: Vec<String> = out
+            .get_column_names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "score",
+                "rewards",
+                "gating",
+                "coefficients",
+                "num_tokens"
+            ]
+        );
+        assert_eq!(
+            out.column("score").unwrap().f32().unwrap().get(1),
+            Some(2.0)
+        );
         assert!(with_scores(&out.select(["score"]).unwrap(), &[s(1.0), s(2.0)]).is_err());
     }
 }

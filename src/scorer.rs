@@ -34,7 +34,12 @@ pub struct Scorer {
 }
 
 impl Scorer {
-    pub fn new(model: ArmoRM, encoder: Encoder, max_batch_tokens: usize, max_length: usize) -> Self {
+    pub fn new(
+        model: ArmoRM,
+        encoder: Encoder,
+        max_batch_tokens: usize,
+        max_length: usize,
+    ) -> Self {
         Self {
             model,
             encoder,
@@ -64,7 +69,10 @@ impl Scorer {
         let encoded = conversations
             .iter()
             .enumerate()
-            .map(|(row, m)| self.encode(m).map_err(|message| ScoreError::Row { row, message }))
+            .map(|(row, m)| {
+                self.encode(m)
+                    .map_err(|message| ScoreError::Row { row, message })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.score_encoded(&encoded)
     }
@@ -88,7 +96,11 @@ impl Scorer {
 
 fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {
     let rows = |t: &Tensor| t.to_vec2::<f32>();
-    let (rewards, gating, coefficients) = (rows(&out.rewards)?, rows(&out.gating)?, rows(&out.coefficients)?);
+    let (rewards, gating, coefficients) = (
+        rows(&out.rewards)?,
+        rows(&out.gating)?,
+        rows(&out.coefficients)?,
+    );
     let score = out.score.to_vec1::<f32>()?;
     Ok(score
         .into_iter()
@@ -96,12 +108,14 @@ fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>
         .zip(gating)
         .zip(coefficients)
         .zip(lens)
-        .map(|((((score, rewards), gating), coefficients), &num_tokens)| RowScore {
-            score,
-            rewards,
-            gating,
-            coefficients,
-            num_tokens,
-        })
+        .map(
+            |((((score, rewards), gating), coefficients), &num_tokens)| RowScore {
+                score,
+                rewards,
+                gating,
+                coefficients,
+                num_tokens,
+            },
+        )
         .collect())
 }

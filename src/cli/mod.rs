@@ -11,7 +11,11 @@ use armorm::model::ArmoRMConfig;
 use armorm::scorer::Scorer;
 
 #[derive(Parser)]
-#[command(name = "armorm", version, about = "Score prompt/response pairs with the ArmoRM reward model")]
+#[command(
+    name = "armorm",
+    version,
+    about = "Score prompt/response pairs with the ArmoRM reward model"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,11 +69,16 @@ impl ModelArgs {
         let files = loader::resolve(&self.model, self.revision.as_deref())?;
         let device = loader::device(self.device.as_deref())?;
         let dtype = loader::dtype(&self.dtype, &device)?;
-        let (model, config, encoder) =
-            loader::load(&files, &device, dtype).with_context(|| format!("loading model {}", files.name))?;
+        let (model, config, encoder) = loader::load(&files, &device, dtype)
+            .with_context(|| format!("loading model {}", files.name))?;
         let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
         let scorer = Scorer::new(model, encoder, self.max_batch_tokens as usize, max_length);
-        Ok(Loaded { scorer, config, files, dtype })
+        Ok(Loaded {
+            scorer,
+            config,
+            files,
+            dtype,
+        })
     }
 }
 

@@ -39,10 +39,15 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     for path in &args.inputs {
         let mut source = input::open(path, &names, CHUNK_ROWS)?;
         while let Some(chunk) = source.next_chunk()? {
-            let scores = loaded.scorer.score(&chunk.conversations).map_err(|e| match e {
-                ScoreError::Row { row, message } => anyhow!("{}: {message}", chunk.locations[row]),
-                ScoreError::Model(e) => anyhow!(e).context("running the model"),
-            })?;
+            let scores = loaded
+                .scorer
+                .score(&chunk.conversations)
+                .map_err(|e| match e {
+                    ScoreError::Row { row, message } => {
+                        anyhow!("{}: {message}", chunk.locations[row])
+                    }
+                    ScoreError::Model(e) => anyhow!(e).context("running the model"),
+                })?;
             let frame = match &schema {
                 None => {
                     schema = Some(chunk.frame.schema().as_ref().clone());
@@ -62,10 +67,19 @@ pub fn run(args: ScoreArgs) -> Result<()> {
 fn metadata(loaded: &Loaded) -> Vec<(String, String)> {
     let names = armorm::attribute_names(loaded.config.num_objectives);
     vec![
-        ("armorm.attributes".into(), serde_json::to_string(&names).unwrap_or_default()),
+        (
+            "armorm.attributes".into(),
+            serde_json::to_string(&names).unwrap_or_default(),
+        ),
         ("armorm.model".into(), loaded.files.name.clone()),
-        ("armorm.revision".into(), loaded.files.revision.clone().unwrap_or_default()),
+        (
+            "armorm.revision".into(),
+            loaded.files.revision.clone().unwrap_or_default(),
+        ),
         ("armorm.version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("armorm.dtype".into(), format!("{:?}", loaded.dtype).to_lowercase()),
+        (
+            "armorm.dtype".into(),
+            format!("{:?}", loaded.dtype).to_lowercase(),
+        ),
     ]
 }

@@ -81,7 +81,10 @@ impl ArmoRMConfig {
     /// Refuses what this implementation does not compute, rather than computing something else.
     pub fn validate(&self) -> Result<(), String> {
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported (only \"silu\")", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported (only \"silu\")",
+                self.hidden_act
+            ));
         }
         if self.attention_bias || self.mlp_bias {
             return Err("attention_bias / mlp_bias are not supported".to_string());
@@ -97,7 +100,10 @@ impl ArmoRMConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+            return Err(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
         }
         if self.num_objectives == 0 || self.gating_temperature <= 0.0 {
             return Err("num_objectives must be positive and gating_temperature > 0".to_string());

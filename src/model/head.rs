@@ -46,7 +46,11 @@ impl GatingNetwork {
             } else {
                 cfg.num_objectives
             };
-            layers.push(candle_nn::linear(in_dim, out_dim, vb.pp(format!("layers.{i}")))?);
+            layers.push(candle_nn::linear(
+                in_dim,
+                out_dim,
+                vb.pp(format!("layers.{i}")),
+            )?);
             in_dim = out_dim;
         }
         Ok(Self {
@@ -136,13 +140,25 @@ mod tests {
         let dev = Device::Cpu;
         let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &dev).unwrap();
         let mut w = HashMap::new();
-        w.insert("regression_layer.weight".to_string(), t(&[1., 0., 0., 2.], &[2, 2]));
-        w.insert("gating.layers.0.weight".to_string(), t(&[1., 0., 0., 1., -1., -1.], &[3, 2]));
+        w.insert(
+            "regression_layer.weight".to_string(),
+            t(&[1., 0., 0., 2.], &[2, 2]),
+        );
+        w.insert(
+            "gating.layers.0.weight".to_string(),
+            t(&[1., 0., 0., 1., -1., -1.], &[3, 2]),
+        );
         w.insert("gating.layers.0.bias".to_string(), t(&[0., 0., 0.], &[3]));
-        w.insert("gating.layers.1.weight".to_string(), t(&[1., 0., 0., 0., 1., 0.], &[2, 3]));
+        w.insert(
+            "gating.layers.1.weight".to_string(),
+            t(&[1., 0., 0., 0., 1., 0.], &[2, 3]),
+        );
         w.insert("gating.layers.1.bias".to_string(), t(&[0., 0.], &[2]));
         w.insert("gating.logit_scale".to_string(), t(&[3.], &[1]));
-        w.insert("reward_transform_matrix".to_string(), t(&[1., 1., 0., 1.], &[2, 2]));
+        w.insert(
+            "reward_transform_matrix".to_string(),
+            t(&[1., 1., 0., 1.], &[2, 2]),
+        );
         let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
         let head = ArmoRMHead::load(vb, &cfg()).unwrap();
 
@@ -153,11 +169,15 @@ mod tests {
         // gating = softmax((1, 0)) * 3; coefficients = gating · Tᵀ = (g0 + g1, g1).
         let e = 1f32.exp();
         let (g0, g1) = (3. * e / (e + 1.), 3. / (e + 1.));
-        let approx = |a: Vec<f32>, b: Vec<f32>| {
-            a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6)
-        };
-        assert!(approx(out.rewards.flatten_all().unwrap().to_vec1().unwrap(), vec![0.5, 0.5]));
-        assert!(approx(out.gating.flatten_all().unwrap().to_vec1().unwrap(), vec![g0, g1]));
+        let approx = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(approx(
+            out.rewards.flatten_all().unwrap().to_vec1().unwrap(),
+            vec![0.5, 0.5]
+        ));
+        assert!(approx(
+            out.gating.flatten_all().unwrap().to_vec1().unwrap(),
+            vec![g0, g1]
+        ));
         assert!(approx(
             out.coefficients.flatten_all().unwrap().to_vec1().unwrap(),
             vec![g0 + g1, g1]

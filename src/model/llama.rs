@@ -59,7 +59,9 @@ impl Attention {
     fn forward(&self, xs: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let heads = |x: Tensor, n: usize| {
-            x.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            x.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = heads(self.q_proj.forward(xs)?, self.num_heads)?; // (b, nh, t, d)
         let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?; // (b, nkv, t, d)
@@ -71,11 +73,13 @@ impl Attention {
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, t, t)
-        // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
+                                                    // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
-        let out = out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, h)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, h)
         self.o_proj.forward(&out)
     }
 }
@@ -127,7 +131,11 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
                 cfg.hidden_size,
@@ -137,9 +145,13 @@ impl DecoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(xs)?, mask, cos, sin)?;
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(xs)?, mask, cos, sin)?;
         let xs = (xs + attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + mlp
     }
 }
@@ -158,7 +170,8 @@ pub struct Llama {
 
 impl Llama {
     pub fn load(vb: VarBuilder, cfg: &ArmoRMConfig) -> Result<Self> {
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -227,15 +240,29 @@ mod tests {
         let m = padding_mask(&[2, 3], 3, &Device::Cpu).unwrap();
         let m: Vec<Vec<Vec<f32>>> = m.squeeze(1).unwrap().to_vec3().unwrap();
         let inf = f32::NEG_INFINITY;
-        assert_eq!(m[0], vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]);
-        assert_eq!(m[1], vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., 0.]]);
+        assert_eq!(
+            m[0],
+            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]
+        );
+        assert_eq!(
+            m[1],
+            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., 0.]]
+        );
     }
 
     #[test]
     fn repeat_kv_interleaves_like_transformers() {
         // transformers' repeat_kv maps query head h to kv head h / n_rep.
-        let x = Tensor::arange(0f32, 2., &Device::Cpu).unwrap().reshape((1, 2, 1, 1)).unwrap();
-        let r: Vec<f32> = repeat_kv(x, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let x = Tensor::arange(0f32, 2., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap();
+        let r: Vec<f32> = repeat_kv(x, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(r, vec![0., 0., 0., 1., 1., 1.]);
     }
 }

@@ -84,7 +84,8 @@ impl ArmoRM {
         let picks = Tensor::from_vec(picks, 2 * b, self.model.device())?;
         let rows = hidden.reshape((b * t, h))?.index_select(&picks, 0)?; // (2b, h)
         let rows = self.model.norm(&rows)?.to_dtype(DType::F32)?;
-        self.head.forward(&rows.narrow(0, 0, b)?, &rows.narrow(0, b, b)?)
+        self.head
+            .forward(&rows.narrow(0, 0, b)?, &rows.narrow(0, b, b)?)
     }
 
     pub fn dtype(&self) -> DType {

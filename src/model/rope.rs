@@ -16,9 +16,11 @@ pub fn check_scaling(s: &RopeScaling) -> std::result::Result<(), String> {
             if ok && s.high_freq_factor != s.low_freq_factor {
                 Ok(())
             } else {
-                Err("rope_scaling of type llama3 needs factor, low_freq_factor, high_freq_factor \
+                Err(
+                    "rope_scaling of type llama3 needs factor, low_freq_factor, high_freq_factor \
                      (different from low_freq_factor) and original_max_position_embeddings"
-                    .to_string())
+                        .to_string(),
+                )
             }
         }
         other => Err(format!(
@@ -55,7 +57,11 @@ fn llama3_scale(freqs: &[f32], s: &RopeScaling) -> Vec<f32> {
         .iter()
         .map(|&f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
-            let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
             let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
             if is_medium {
                 let smooth = (old_ctx / wavelen - low) / (high - low);
@@ -68,7 +74,12 @@ fn llama3_scale(freqs: &[f32], s: &RopeScaling) -> Vec<f32> {
 }
 
 /// cos and sin tables for positions `0..len`, each (len, head_dim / 2).
-pub fn tables(inv_freq: &[f32], len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn tables(
+    inv_freq: &[f32],
+    len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
@@ -117,7 +128,10 @@ mod tests {
         for (p, s) in plain.iter().zip(&scaled) {
             assert!(*s <= *p && *s >= p / 8.0 * (1.0 - 1e-6));
         }
-        assert!(plain.iter().zip(&scaled).any(|(p, s)| s < p && *s > p / 8.0));
+        assert!(plain
+            .iter()
+            .zip(&scaled)
+            .any(|(p, s)| s < p && *s > p / 8.0));
     }
 
     #[test]

@@ -30,15 +30,25 @@ pub struct Golden {
 }
 
 pub fn goldens(model: &str) -> HashMap<String, Golden> {
-    let text = std::fs::read_to_string(fixtures().join("goldens").join(format!("{model}.jsonl"))).unwrap();
+    let text =
+        std::fs::read_to_string(fixtures().join("goldens").join(format!("{model}.jsonl"))).unwrap();
     text.lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
             let floats = |k: &str| -> Vec<f32> {
-                v[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
             };
             let g = Golden {
-                input_ids: v["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                input_ids: v["input_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect(),
                 gate_index: v["gate_index"].as_u64().unwrap() as usize,
                 num_tokens: v["num_tokens"].as_u64().unwrap() as usize,
                 score: v["score"].as_f64().unwrap() as f32,
@@ -68,7 +78,11 @@ pub fn parse_jsonl(text: &str) -> Vec<Scored> {
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
             let floats = |k: &str| -> Vec<f32> {
-                v[k].as_array().unwrap_or_else(|| panic!("no {k} in {l}")).iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                v[k].as_array()
+                    .unwrap_or_else(|| panic!("no {k} in {l}"))
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
             };
             Scored {
                 id: v["id"].as_str().unwrap_or_default().to_string(),
@@ -90,7 +104,11 @@ pub fn armorm_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_armorm"));
     cmd.args(args)
         .env("HF_HUB_OFFLINE", "1")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn armorm");
@@ -105,23 +123,44 @@ pub fn armorm_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
 /// Runs `armorm score` and returns stdout's JSONL rows; panics with stderr on failure.
 pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
     let model = model_dir(model);
-    let mut args = vec!["score", input.to_str().unwrap(), "--model", model.to_str().unwrap(), "-o", "-", "--device", "cpu"];
+    let mut args = vec![
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+        "--device",
+        "cpu",
+    ];
     args.extend_from_slice(extra);
     let out = armorm(&args);
-    assert!(out.status.success(), "armorm failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "armorm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_jsonl(&String::from_utf8(out.stdout).unwrap())
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Every output of `got` within `tol` of `want`, row by row; the message names the row and field.
 pub fn assert_close(got: &Scored, want: &Scored, tol: f32) {
     let id = &got.id;
     assert_eq!(got.num_tokens, want.num_tokens, "{id}: num_tokens");
-    assert!((got.score - want.score).abs() <= tol, "{id}: score {} vs {}", got.score, want.score);
+    assert!(
+        (got.score - want.score).abs() <= tol,
+        "{id}: score {} vs {}",
+        got.score,
+        want.score
+    );
     for (name, a, b) in [
         ("rewards", &got.rewards, &want.rewards),
         ("gating", &got.gating, &want.gating),

@@ -28,7 +28,10 @@ fn conversations() -> Vec<(String, Vec<Message>)> {
 fn ids_and_gate_match_transformers() {
     let goldens = goldens(TINY);
     let encoder = Encoder::from_dir(&model_dir(TINY), 128256).unwrap();
-    assert_eq!(encoder.gating_pattern(), &[128009, 128006, 78191, 128007, 271]);
+    assert_eq!(
+        encoder.gating_pattern(),
+        &[128009, 128006, 78191, 128007, 271]
+    );
     let convs = conversations();
     assert!(convs.len() >= 20);
     for (id, msgs) in convs {
@@ -37,16 +40,38 @@ fn ids_and_gate_match_transformers() {
         assert_eq!(enc.ids, g.input_ids, "{id}: token ids");
         assert_eq!(enc.gate, g.gate_index, "{id}: gating position");
         // The template writes BOS itself: exactly one, first.
-        assert_eq!(enc.ids.iter().filter(|&&t| t == 128000).count(), 1, "{id}: BOS count");
+        assert_eq!(
+            enc.ids.iter().filter(|&&t| t == 128000).count(),
+            1,
+            "{id}: BOS count"
+        );
     }
 }
 
 #[test]
 fn fixtures_cover_the_required_cases() {
     let g = goldens(TINY);
-    assert!(g.values().any(|r| r.num_tokens > 1000), "a row over 1,000 tokens");
+    assert!(
+        g.values().any(|r| r.num_tokens > 1000),
+        "a row over 1,000 tokens"
+    );
     let convs = conversations();
-    assert!(convs.iter().any(|(_, m)| m.len() > 3 && m[0].role == "system"), "multi-turn with system");
-    assert!(convs.iter().any(|(_, m)| m.iter().any(|x| x.content.chars().any(|c| c as u32 > 0x1F000))), "emoji");
-    assert!(convs.iter().any(|(_, m)| m.iter().any(|x| x.content != x.content.trim())), "whitespace");
+    assert!(
+        convs
+            .iter()
+            .any(|(_, m)| m.len() > 3 && m[0].role == "system"),
+        "multi-turn with system"
+    );
+    assert!(
+        convs.iter().any(|(_, m)| m
+            .iter()
+            .any(|x| x.content.chars().any(|c| c as u32 > 0x1F000))),
+        "emoji"
+    );
+    assert!(
+        convs
+            .iter()
+            .any(|(_, m)| m.iter().any(|x| x.content != x.content.trim())),
+        "whitespace"
+    );
 }

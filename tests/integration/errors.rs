@@ -1,0 +1,168 @@
+//! Bad input: non-zero exit, an error naming file, line or row, and field, and no output left behind.
+
+use crate::common::*;
+
+/// Runs `armorm score` on `content` written to a .jsonl file; returns (stderr, output dir listing).
+fn fail_jsonl(content: &str) -> (String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.jsonl");
+    std::fs::write(&input, content).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let target = out_dir.join("scores.parquet");
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "bad input must fail");
+    assert_eq!(out.status.code(), Some(1));
+    let left: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    (String::from_utf8(out.stderr).unwrap(), left)
+}
+
+const GOOD: &str = "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n";
+
+fn check(content: &str, line: usize, field: Option<&str>, reason: &str) {
+    let (err, left) = fail_jsonl(content);
+    assert!(left.is_empty(), "output left behind: {left:?}");
+    assert!(
+        err.contains(&format!("bad.jsonl: line {line}")),
+        "no file/line in: {err}"
+    );
+    if let Some(f) = field {
+        assert!(
+            err.contains(&format!("field `{f}`")),
+            "no field {f} in: {err}"
+        );
+    }
+    assert!(err.contains(reason), "no reason {reason:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn malformed_json_line() {
+    check(
+        &format!("{GOOD}{{\"prompt\": \"Hi\", \n"),
+        2,
+        None,
+        "malformed JSON",
+    );
+}
+
+#[test]
+fn row_with_neither_prompt_nor_messages() {
+    check(
+        &format!("{GOOD}{GOOD}{{\"text\": \"Hi\"}}\n"),
+        3,
+        None,
+        "neither `prompt` + `response` nor `messages`",
+    );
+}
+
+#[test]
+fn messages_not_ending_with_assistant() {
+    let row = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]}"#;
+    check(
+        &format!("{GOOD}{row}\n"),
+        2,
+        Some("messages"),
+        "last message must be the assistant",
+    );
+}
+
+#[test]
+fn wrong_types() {
+    check(
+        "{\"prompt\": 5, \"response\": \"x\"}\n",
+        1,
+        Some("prompt"),
+        "expected a string, got a number",
+    );
+    check(
+        &format!("{GOOD}{{\"messages\": [{{\"role\": \"user\", \"content\": [1]}}]}}\n"),
+        2,
+        Some("messages[0].content"),
+        "expected a string, got an array",
+    );
+    check(
+        &format!("{GOOD}{{\"messages\": \"hello\"}}\n"),
+        2,
+        Some("messages"),
+        "expected a list of messages",
+    );
+}
+
+#[test]
+fn unknown_format_and_missing_file() {
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        "/nonexistent/x.jsonl",
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/x.jsonl") && err.contains("cannot open"),
+        "{err}"
+    );
+
+    let out = armorm(&["score", "-", "--model", "/no/such/model", "-o", "-"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+}
+
+#[test]
+fn parquet_without_the_columns_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(TINY);
+    // A scored file has prompt/response, so drop them: score the goldens' own Parquet by other names.
+    let input = fixtures().join("conversations.parquet");
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-column",
+        "question",
+        "-o",
+        dir.path().join("o.parquet").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("conversations.parquet") && err.contains("field `question`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("o.parquet").exists());
+}
+
+#[test]
+fn offline_hub_model_not_cached_says_how_to_point_at_a_directory() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_armorm"))
+        .args(["score", "-", "-o", "-"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", cache.path())
+        .env_remove("HF_HUB_CACHE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RLHFlow/ArmoRM-Llama3-8B-v0.1") && err.contains("--model DIR"),
+        "{err}"
+    );
+}

@@ -1,0 +1,88 @@
+//! Scores equal transformers' (goldens) and do not depend on how rows are batched.
+
+use crate::common::*;
+
+fn check_goldens(model: &str) {
+    let goldens = goldens(model);
+    let rows = score_jsonl(
+        &fixtures().join("conversations.jsonl"),
+        model,
+        &["--dtype", "f32"],
+    );
+    assert_eq!(rows.len(), goldens.len());
+    for row in &rows {
+        let want = golden_as_scored(&row.id, &goldens[&row.id]);
+        assert_close(row, &want, 1e-4);
+    }
+}
+
+#[test]
+fn tiny_model_matches_transformers() {
+    check_goldens(TINY);
+}
+
+/// Other objective count, gating depth, width and temperature, llama3 rope scaling, 3 query heads per kv
+/// head, and a pad token that has an embedding row.
+#[test]
+fn alt_model_matches_transformers() {
+    check_goldens(ALT);
+}
+
+/// The same rows alone (a budget of 1 token puts every row in its own batch) and in mixed-length batches.
+#[test]
+fn batching_does_not_change_results() {
+    let input = fixtures().join("conversations.jsonl");
+    for model in [TINY, ALT] {
+        let alone = score_jsonl(
+            &input,
+            model,
+            &["--dtype", "f32", "--max-batch-tokens", "1"],
+        );
+        for budget in ["40", "300", "2500", "1000000"] {
+            let batched = score_jsonl(
+                &input,
+                model,
+                &["--dtype", "f32", "--max-batch-tokens", budget],
+            );
+            assert_eq!(alone.len(), batched.len());
+            for (a, b) in alone.iter().zip(&batched) {
+                assert_eq!(a.id, b.id, "output order must be input order");
+                assert_close(b, a, 1e-5);
+            }
+        }
+    }
+}
+
+/// The gate is far from uniform, so a gating position off by one would fail the goldens above.
+#[test]
+fn fixture_gating_is_observable() {
+    for model in [TINY, ALT] {
+        for (id, g) in goldens(model) {
+            let n = g.gating.len() as f32;
+            let scale: f32 = g.gating.iter().sum();
+            let uniform = scale / n;
+            let spread = g
+                .gating
+                .iter()
+                .map(|x| (x - uniform).abs())
+                .fold(0.0, f32::max);
+            assert!(spread > 0.01, "{model}/{id}: gating nearly uniform");
+        }
+    }
+}
+
+#[test]
+fn bf16_stays_close_to_f32() {
+    let input = fixtures().join("conversations.jsonl");
+    let f32s = score_jsonl(&input, TINY, &["--dtype", "f32"]);
+    let bf16s = score_jsonl(&input, TINY, &["--dtype", "bf16"]);
+    for (a, b) in f32s.iter().zip(&bf16s) {
+        assert!(
+            (a.score - b.score).abs() < 0.1,
+            "{}: {} vs {}",
+            a.id,
+            a.score,
+            b.score
+        );
+    }
+}
