@@ -1,23 +1,43 @@
-//! Length-bucketed batching: rows sorted by length, cut so that rows × longest row fits a token budget.
+//! Length-bucketed batching: rows sorted by length, cut into batches whose padded size (rows × longest
+//! row) fits a token budget, at the cuts that waste the least compute on padding.
 
-/// Groups of row indices. Rows are taken shortest first, so each batch pads little; a batch closes
-/// when one more row would make rows × longest row exceed `max_batch_tokens` (a row longer than the
-/// budget still gets a batch of its own).
+/// What one extra forward pass costs, in padded tokens: the fixed work of a pass (kernel launches,
+/// per-batch tensors) that makes many tiny batches worse than a little padding.
+pub const BATCH_OVERHEAD_TOKENS: usize = 64;
+
+/// Groups of row indices, shortest rows first. Rows sorted by length are cut into consecutive runs,
+/// chosen by dynamic programming to minimize padded tokens plus `BATCH_OVERHEAD_TOKENS` per batch, with
+/// rows × longest row ≤ `max_batch_tokens` (a row longer than the budget gets a batch of its own).
 pub fn plan(lens: &[usize], max_batch_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&i| (lens[i], i));
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    for i in order {
-        // Sorted ascending, so the new row is the longest.
-        if !current.is_empty() && (current.len() + 1) * lens[i] > max_batch_tokens {
-            batches.push(std::mem::take(&mut current));
+    let sorted: Vec<usize> = order.iter().map(|&i| lens[i]).collect();
+    let n = sorted.len();
+    // best[i]: least cost of the first i sorted rows; cut[i]: where their last batch starts.
+    let mut best = vec![usize::MAX; n + 1];
+    let mut cut = vec![0; n + 1];
+    best[0] = 0;
+    for i in 1..=n {
+        let longest = sorted[i - 1];
+        for j in (0..i).rev() {
+            let rows = i - j;
+            if rows > 1 && rows * longest > max_batch_tokens {
+                break;
+            }
+            let cost = best[j] + rows * longest + BATCH_OVERHEAD_TOKENS;
+            if cost < best[i] {
+                best[i] = cost;
+                cut[i] = j;
+            }
         }
-        current.push(i);
     }
-    if !current.is_empty() {
-        batches.push(current);
+    let mut batches = Vec::new();
+    let mut i = n;
+    while i > 0 {
+        batches.push(order[cut[i]..i].to_vec());
+        i = cut[i];
     }
+    batches.reverse();
     batches
 }
 
@@ -25,20 +45,57 @@ pub fn plan(lens: &[usize], max_batch_tokens: usize) -> Vec<Vec<usize>> {
 mod tests {
     use super::*;
 
+    fn cost(lens: &[usize], batches: &[Vec<usize>]) -> usize {
+        batches
+            .iter()
+            .map(|b| b.len() * b.iter().map(|&i| lens[i]).max().unwrap() + BATCH_OVERHEAD_TOKENS)
+            .sum()
+    }
+
     #[test]
     fn batches_respect_budget_and_cover_every_row_once() {
-        let lens = [5, 1, 9, 3, 3, 20, 2];
-        let batches = plan(&lens, 10);
+        let lens = [5, 1, 9, 3, 3, 20, 2, 700, 680, 30];
+        let batches = plan(&lens, 1000);
         let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
         for b in &batches {
             let longest = b.iter().map(|&i| lens[i]).max().unwrap();
-            assert!(b.len() == 1 || b.len() * longest <= 10, "{b:?}");
+            assert!(b.len() == 1 || b.len() * longest <= 1000, "{b:?}");
         }
-        // Shortest rows first, and the over-budget row alone.
-        assert_eq!(batches[0], vec![1, 6, 3]);
-        assert_eq!(batches.last().unwrap(), &vec![5]);
+        // The two long rows are not padded together with the short ones.
+        assert!(batches.iter().any(|b| b.contains(&7) && !b.contains(&0)));
+    }
+
+    #[test]
+    fn over_budget_row_gets_its_own_batch() {
+        assert_eq!(plan(&[5, 50], 10), vec![vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn plan_is_optimal_among_contiguous_cuts() {
+        // Brute force over every way to cut the sorted rows.
+        let lens = [3, 8, 8, 40, 41, 90, 200, 210];
+        let budget = 420;
+        let got = cost(&lens, &plan(&lens, budget));
+        let n = lens.len();
+        let mut best = usize::MAX;
+        for mask in 0u32..(1 << (n - 1)) {
+            let mut batches = vec![vec![0]];
+            for i in 1..n {
+                if mask & (1 << (i - 1)) != 0 {
+                    batches.push(vec![]);
+                }
+                batches.last_mut().unwrap().push(i);
+            }
+            let ok = batches
+                .iter()
+                .all(|b| b.len() == 1 || b.len() * lens[*b.last().unwrap()] <= budget);
+            if ok {
+                best = best.min(cost(&lens, &batches));
+            }
+        }
+        assert_eq!(got, best);
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub struct Chunk {
 
 pub trait ChunkSource {
     fn next_chunk(&mut self) -> Result<Option<Chunk>, InputError>;
+
+    /// How much of the input has been read, from 0 to 1, when its size is known.
+    fn fraction_read(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Opens `path` by its extension; `-` is JSONL on stdin.
@@ -87,7 +92,7 @@ pub fn open(
     path: &str,
     names: &ColumnNames,
     chunk_rows: usize,
-) -> Result<Box<dyn ChunkSource>, InputError> {
+) -> Result<Box<dyn ChunkSource + Send>, InputError> {
     if path == "-" {
         let stdin = BufReader::new(std::io::stdin());
         return Ok(Box::new(JsonlSource::new(
@@ -127,6 +132,8 @@ pub struct JsonlSource<R> {
     chunk_rows: usize,
     schema: Option<SchemaRef>,
     done: bool,
+    bytes_read: u64,
+    total_bytes: Option<u64>,
 }
 
 impl<R: BufRead> JsonlSource<R> {
@@ -139,6 +146,8 @@ impl<R: BufRead> JsonlSource<R> {
             chunk_rows: chunk_rows.max(1),
             schema: None,
             done: false,
+            bytes_read: 0,
+            total_bytes: None,
         }
     }
 
@@ -167,6 +176,7 @@ impl<R: BufRead> ChunkSource for JsonlSource<R> {
                 break;
             }
             self.line += 1;
+            self.bytes_read += n as u64;
             let text = std::str::from_utf8(&buf)
                 .map_err(|e| InputError::new(self.here(), None, format!("not valid UTF-8: {e}")))?;
             if text.trim().is_empty() {
@@ -190,6 +200,12 @@ impl<R: BufRead> ChunkSource for JsonlSource<R> {
             conversations,
             locations,
         }))
+    }
+
+    fn fraction_read(&self) -> Option<f64> {
+        self.total_bytes
+            .filter(|&t| t > 0)
+            .map(|t| (self.bytes_read as f64 / t as f64).min(1.0))
     }
 }
 
@@ -363,6 +379,17 @@ impl ChunkSource for ParquetSource {
             conversations,
             locations,
         }))
+    }
+
+    fn fraction_read(&self) -> Option<f64> {
+        (self.total > 0).then(|| self.offset as f64 / self.total as f64)
+    }
+}
+
+impl ParquetSource {
+    /// Rows in the file, from its metadata.
+    pub fn rows(&self) -> usize {
+        self.total
     }
 }
 

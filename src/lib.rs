@@ -10,6 +10,7 @@ pub mod input;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod scorer;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.

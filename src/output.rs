@@ -164,16 +164,16 @@ pub trait Sink {
 pub fn open(
     target: &Target,
     metadata: Vec<(String, String)>,
-) -> Result<Box<dyn Sink>, OutputError> {
+) -> Result<Box<dyn Sink + Send>, OutputError> {
     match (&target.path, target.format) {
         (None, _) => Ok(Box::new(JsonlSink {
-            out: BufWriter::new(Box::new(std::io::stdout()) as Box<dyn Write>),
+            out: BufWriter::new(Box::new(std::io::stdout()) as Box<dyn Write + Send>),
             tmp: None,
         })),
         (Some(path), Format::Jsonl) => {
             let (tmp, file) = staging(path)?;
             Ok(Box::new(JsonlSink {
-                out: BufWriter::new(Box::new(file) as Box<dyn Write>),
+                out: BufWriter::new(Box::new(file) as Box<dyn Write + Send>),
                 tmp: Some((tmp, path.clone())),
             }))
         }
@@ -224,7 +224,7 @@ fn publish(tmp: NamedTempFile, target: &Path) -> Result<(), OutputError> {
 }
 
 struct JsonlSink {
-    out: BufWriter<Box<dyn Write>>,
+    out: BufWriter<Box<dyn Write + Send>>,
     tmp: Option<(NamedTempFile, PathBuf)>,
 }
 

@@ -74,23 +74,28 @@ impl Scorer {
                     .map_err(|message| ScoreError::Row { row, message })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.score_encoded(&encoded)
+        Ok(self.score_encoded(&encoded)?.0)
     }
 
-    pub fn score_encoded(&self, encoded: &[Encoded]) -> Result<Vec<RowScore>, ScoreError> {
+    /// Scores a window of encoded rows in length-sorted batches; returns the scores in the window's
+    /// order and the padded tokens computed.
+    pub fn score_encoded(&self, encoded: &[Encoded]) -> Result<(Vec<RowScore>, usize), ScoreError> {
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
+        let mut padded = 0;
         for rows in batch::plan(&lens, self.max_batch_tokens) {
             let mut flat = FlatBatch::new();
             for &i in &rows {
                 flat.push(&encoded[i].ids, encoded[i].gate);
             }
+            padded += flat.padded_tokens();
             let scored = unpack(&self.model.forward(&flat)?, &flat.lens())?;
+            // Back to window order: the reorder step after length sorting.
             for (i, s) in rows.into_iter().zip(scored) {
                 out[i] = Some(s);
             }
         }
-        Ok(out.into_iter().flatten().collect())
+        Ok((out.into_iter().flatten().collect(), padded))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Command-line definitions shared by the subcommands, and the dispatch to them.
 
+mod progress;
 mod score;
 
 use anyhow::{Context, Result};
@@ -79,6 +80,28 @@ impl ModelArgs {
             files,
             dtype,
         })
+    }
+}
+
+/// How the run uses the machine and the terminal.
+#[derive(Args)]
+pub struct RunArgs {
+    /// CPU threads for the model and tokenization [default: all cores]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+    /// No progress bar and no summary line on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+impl RunArgs {
+    /// Before any worker thread exists: candle's matmuls and rayon read these at their first use.
+    pub fn apply_threads(&self) {
+        if let Some(n) = self.threads {
+            for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
+                std::env::set_var(var, n.to_string());
+            }
+        }
     }
 }
 

@@ -166,3 +166,38 @@ fn offline_hub_model_not_cached_says_how_to_point_at_a_directory() {
         "{err}"
     );
 }
+
+/// An error in a later window, after earlier windows were already written: still no output at all.
+#[test]
+fn late_error_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("late.jsonl");
+    let mut text = GOOD.repeat(12);
+    text.push_str("{\"prompt\": \"Hi\"}\n");
+    std::fs::write(&input, text).unwrap();
+    let model = model_dir(TINY);
+    for target in ["o.parquet", "o.jsonl"] {
+        let target = dir.path().join(target);
+        let out = armorm(&[
+            "score",
+            input.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--window-rows",
+            "5",
+            "-o",
+            target.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("late.jsonl: line 13: field `response`: missing"),
+            "{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "only the input may remain: {left:?}");
+    }
+}

@@ -272,3 +272,30 @@ fn broken_pipe_exits_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn summary_line_on_stderr_unless_quiet() {
+    let model = model_dir(TINY);
+    let data = b"{\"prompt\": \"Hi\", \"response\": \"Hello!\"}\n";
+    let out = armorm_stdin(
+        &["score", "-", "--model", model.to_str().unwrap()],
+        Some(data),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("scored 1 rows, 14 tokens")
+            && err.contains("tokens/s")
+            && err.contains("padding overhead"),
+        "{err}"
+    );
+    let out = armorm_stdin(
+        &["score", "-", "--model", model.to_str().unwrap(), "--quiet"],
+        Some(data),
+    );
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

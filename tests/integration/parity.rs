@@ -86,3 +86,20 @@ fn bf16_stays_close_to_f32() {
         );
     }
 }
+
+/// Windows of 5 rows: several row groups, batches cut differently, the same rows in the same order.
+#[test]
+fn small_windows_change_nothing() {
+    let input = fixtures().join("conversations.jsonl");
+    let whole = score_jsonl(&input, TINY, &[]);
+    let windowed = score_jsonl(
+        &input,
+        TINY,
+        &["--window-rows", "5", "--threads", "1", "--quiet"],
+    );
+    assert_eq!(whole.len(), windowed.len());
+    for (a, b) in whole.iter().zip(&windowed) {
+        assert_eq!(a.id, b.id);
+        assert_close(b, a, 1e-5);
+    }
+}

@@ -1,0 +1,72 @@
+//! Progress on stderr: a bar while a terminal watches, a one-line summary at the end.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use armorm::pipeline::{Observer, Stats};
+
+/// Resolution of the bar when the input size is known: per mille of the input read.
+const STEPS: u64 = 1000;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Progress {
+    /// A bar only when stderr is a terminal and not `--quiet`; an ETA only when every input's size is known.
+    pub fn new(quiet: bool, sized: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = if sized {
+                let bar = ProgressBar::with_draw_target(Some(STEPS), ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {percent:>3}% ETA {eta} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            } else {
+                ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+            };
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Self { bar, quiet }
+    }
+
+    pub fn finish(&self, stats: &Stats) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        if !self.quiet {
+            eprintln!("{}", summary(stats));
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn written(&self, stats: &Stats, input_fraction: Option<f64>) {
+        if let Some(bar) = &self.bar {
+            if let Some(f) = input_fraction {
+                bar.set_position((f * STEPS as f64) as u64);
+            }
+            bar.set_message(format!(
+                "{} rows, {:.0} tokens/s",
+                stats.rows,
+                stats.tokens_per_second()
+            ));
+        }
+    }
+}
+
+pub fn summary(s: &Stats) -> String {
+    format!(
+        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%",
+        s.rows,
+        s.tokens,
+        s.seconds,
+        s.tokens_per_second(),
+        s.padding_overhead()
+    )
+}

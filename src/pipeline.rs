@@ -1,0 +1,263 @@
+//! The streaming engine: read and tokenize ahead on worker threads, score length-sorted windows in
+//! token-budget batches, and write each window as soon as it is scored, in input order.
+//!
+//! Stages run concurrently and talk through bounded channels, so memory holds at most a few windows
+//! whatever the input size:
+//!
+//! ```text
+//! reader + tokenizers ──(encoded window)──▶ model ──(scored window)──▶ writer
+//! ```
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread;
+use std::time::Instant;
+
+use polars::prelude::{DataFrame, Schema};
+use rayon::prelude::*;
+
+use crate::encoder::Encoded;
+use crate::input::{Chunk, ChunkSource, InputError, Location};
+use crate::output::{self, OutputError, Sink};
+use crate::scorer::{RowScore, ScoreError, Scorer};
+
+/// Windows in flight between two stages; two keep every stage busy while bounding memory.
+const QUEUE: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Input(#[from] InputError),
+    #[error("{location}: {message}")]
+    Row { location: Location, message: String },
+    #[error("running the model: {0}")]
+    Model(candle_core::Error),
+    #[error("{input}: {message}")]
+    Schema { input: String, message: String },
+    #[error("writing the output: {0}")]
+    Output(#[from] OutputError),
+}
+
+/// An input to open when the reader reaches it.
+pub type Opener = Box<dyn FnOnce() -> Result<Box<dyn ChunkSource + Send>, InputError> + Send>;
+
+/// Counts for progress and the final summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub rows: usize,
+    pub tokens: usize,
+    /// Tokens the model computed, padding included (rows × longest row, per batch).
+    pub padded_tokens: usize,
+    pub seconds: f64,
+}
+
+impl Stats {
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Padding as a share of the real tokens, in percent.
+    pub fn padding_overhead(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            100.0 * (self.padded_tokens as f64 - self.tokens as f64) / self.tokens as f64
+        }
+    }
+}
+
+/// Told about progress from the writer's thread.
+pub trait Observer {
+    /// A window was written; `input_fraction` is how far into the inputs the reader was, if known.
+    fn written(&self, stats: &Stats, input_fraction: Option<f64>);
+}
+
+struct Encoded_ {
+    chunk: Chunk,
+    input: String,
+    encoded: Vec<Encoded>,
+    fraction: Option<f64>,
+}
+
+struct Scored {
+    frame: DataFrame,
+    input: String,
+    scores: Vec<RowScore>,
+    tokens: usize,
+    padded: usize,
+    fraction: Option<f64>,
+}
+
+/// Runs the whole dataset through `scorer` into `sink`. `inputs` pairs each opener with its name (for
+/// errors) and its share of the total input size (for progress).
+pub fn run(
+    inputs: Vec<(String, f64, Opener)>,
+    scorer: &Scorer,
+    sink: Box<dyn Sink + Send>,
+    observer: &(dyn Observer + Sync),
+) -> Result<Stats, PipelineError> {
+    let start = Instant::now();
+    let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
+    let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
+    thread::scope(|s| {
+        let reader = s.spawn(move || read_and_encode(inputs, scorer, enc_tx));
+        let writer = s.spawn(move || write(out_rx, sink, start, observer));
+        let scored = score_windows(enc_rx, scorer, out_tx);
+        // The first error in pipeline order wins: a reader error explains why the model stopped.
+        let read = reader.join().unwrap_or(Ok(()));
+        let written = writer.join().unwrap_or(Ok(None));
+        read?;
+        scored?;
+        // Without an error upstream the writer saw the end marker and finished the output.
+        written?.ok_or_else(|| PipelineError::Schema {
+            input: "output".into(),
+            message: "the writer stopped before the end of the input".into(),
+        })
+    })
+}
+
+fn read_and_encode(
+    inputs: Vec<(String, f64, Opener)>,
+    scorer: &Scorer,
+    tx: SyncSender<Result<Encoded_, PipelineError>>,
+) -> Result<(), PipelineError> {
+    let mut done_share = 0.0;
+    for (name, share, open) in inputs {
+        let mut source = match open() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return Ok(());
+            }
+        };
+        loop {
+            let chunk = match source.next_chunk() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return Ok(());
+                }
+            };
+            let fraction = source.fraction_read().map(|f| done_share + f * share);
+            let item = encode_chunk(chunk, scorer).map(|(chunk, encoded)| Encoded_ {
+                chunk,
+                input: name.clone(),
+                encoded,
+                fraction,
+            });
+            let failed = item.is_err();
+            // A closed channel means the model stage stopped: its error is reported there.
+            if tx.send(item).is_err() || failed {
+                return Ok(());
+            }
+        }
+        done_share += share;
+    }
+    Ok(())
+}
+
+/// Tokenizes a window on all worker threads.
+fn encode_chunk(chunk: Chunk, scorer: &Scorer) -> Result<(Chunk, Vec<Encoded>), PipelineError> {
+    let encoded: Vec<Result<Encoded, String>> = chunk
+        .conversations
+        .par_iter()
+        .map(|m| scorer.encode(m))
+        .collect();
+    let mut out = Vec::with_capacity(encoded.len());
+    for (i, e) in encoded.into_iter().enumerate() {
+        match e {
+            Ok(e) => out.push(e),
+            Err(message) => {
+                return Err(PipelineError::Row {
+                    location: chunk.locations[i].clone(),
+                    message,
+                })
+            }
+        }
+    }
+    Ok((chunk, out))
+}
+
+fn score_windows(
+    rx: Receiver<Result<Encoded_, PipelineError>>,
+    scorer: &Scorer,
+    tx: SyncSender<Option<Scored>>,
+) -> Result<(), PipelineError> {
+    for item in rx {
+        let Encoded_ {
+            chunk,
+            input,
+            encoded,
+            fraction,
+        } = item?;
+        let (scores, padded) = scorer.score_encoded(&encoded).map_err(|e| match e {
+            ScoreError::Row { row, message } => PipelineError::Row {
+                location: chunk.locations[row].clone(),
+                message,
+            },
+            ScoreError::Model(e) => PipelineError::Model(e),
+        })?;
+        let tokens = encoded.iter().map(|e| e.ids.len()).sum();
+        let scored = Scored {
+            frame: chunk.frame,
+            input,
+            scores,
+            tokens,
+            padded,
+            fraction,
+        };
+        if tx.send(Some(scored)).is_err() {
+            // The writer stopped on an error, which it returns.
+            return Ok(());
+        }
+    }
+    // Only now may the writer finish the output: on any error above it is dropped, unfinished.
+    let _ = tx.send(None);
+    Ok(())
+}
+
+/// Writes windows until the end marker, then finishes the sink; returns `None` (leaving the output
+/// unfinished, so that it is deleted) when the stages before it stopped without one.
+fn write(
+    rx: Receiver<Option<Scored>>,
+    mut sink: Box<dyn Sink + Send>,
+    start: Instant,
+    observer: &(dyn Observer + Sync),
+) -> Result<Option<Stats>, PipelineError> {
+    let mut schema: Option<Schema> = None;
+    let mut stats = Stats::default();
+    let mut ended = false;
+    for w in rx {
+        let Some(w) = w else {
+            ended = true;
+            break;
+        };
+        let frame = match &schema {
+            None => {
+                schema = Some(w.frame.schema().as_ref().clone());
+                w.frame
+            }
+            Some(s) => output::conform(w.frame, s).map_err(|message| PipelineError::Schema {
+                input: w.input.clone(),
+                message,
+            })?,
+        };
+        let mut scored = output::with_scores(&frame, &w.scores)?;
+        sink.write(&mut scored)?;
+        stats.rows += w.scores.len();
+        stats.tokens += w.tokens;
+        stats.padded_tokens += w.padded;
+        stats.seconds = start.elapsed().as_secs_f64();
+        observer.written(&stats, w.fraction);
+    }
+    if !ended {
+        return Ok(None);
+    }
+    sink.finish()?;
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok(Some(stats))
+}
