@@ -3,6 +3,10 @@
 //! The library holds the model (pure tensor math), the chat template and tokenizer step, batching,
 //! and the dataset readers and writers; the `armorm` binary wires them into subcommands.
 
+// Links MKL's static libraries into whatever uses the library, as candle's examples do.
+#[cfg(feature = "mkl")]
+extern crate intel_mkl_src;
+
 pub mod batch;
 pub mod chat;
 pub mod encoder;

@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Side-by-side throughput benchmark: `armorm score` against the transformers pipelines people run.
+
+Run through scripts/bench.sh, which builds armorm and sets up the pinned Python environment. In one
+invocation, on the same machine and the same number of threads, it
+
+  1. generates (once) a mid-size random ArmoRM: hidden 1024, 8 layers, 16 heads / 4 KV heads,
+     intermediate 2816, the real Llama-3 vocabulary (fixtures/generate.py --bench-only);
+  2. generates a 128-row dataset with log-normal prompt and response lengths (~40,000 tokens);
+  3. measures the machine's f32 matrix-multiply rate (PyTorch/MKL, a shape of this model's MLP);
+  4. runs each armorm binary given (f32, and bf16 for the first) and three transformers pipelines
+     (sorted padded batches of 8; unsorted padded batches of 8, as rewardbench does; one row at a time,
+     as the model card does), all f32 with the same head math;
+  5. checks armorm's scores against the sorted transformers pipeline (max |diff| <= 1e-3) and bf16
+     against f32 (Pearson >= 0.999), and prints tokens/s, ratios and the share of the matmul roofline;
+  6. scores a generated 10,000-row and 1,000,000-row JSONL with the tiny fixture model and prints both
+     peak RSS figures (flat memory: the large run must stay within 1.5x of the small one).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
+         "point government company number group problem fact be have do say get make go know take see come "
+         "think look want give use find tell ask seem feel try leave call good new first last long great "
+         "little own other old right big high different small large next early young important few public "
+         "bad same able to of in for on with at by from up about into over after beneath under above the "
+         "and a that I it not he as you this but his they her she or an will my one all would there their "
+         "reward model score gradient attention token batch matrix vector kernel memory cache latency").split()
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_dataset(path: Path, rows: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(rows):
+            p = int(min(900, max(3, rng.lognormal(4.1, 0.9))))
+            r = int(min(1100, max(3, rng.lognormal(4.8, 0.8))))
+            prompt = " ".join(rng.choice(WORDS, p)) + "?"
+            response = " ".join(rng.choice(WORDS, r)) + "."
+            f.write(json.dumps({"id": f"r{i}", "prompt": prompt, "response": response}) + "\n")
+
+
+def make_rss_dataset(path: Path, rows: int):
+    with path.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": i, "prompt": f"Question {i % 977}: what is {i % 13} + {i % 7}?",
+                                "response": f"It is {i % 13 + i % 7}."}) + "\n")
+
+
+# ---------------------------------------------------------------- transformers reference
+
+
+class Reference:
+    """transformers' LlamaModel + ArmoRM's head in f32, the way a careful user writes it."""
+
+    def __init__(self, model_dir: Path, threads: int):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        cfg = LlamaConfig.from_pretrained(str(model_dir))
+        cfg.pad_token_id = None  # the pad id may lie past the embedding; padding uses id 0 + the mask
+        self.model = LlamaModel(cfg).float().eval()
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+        weights = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            weights.update(load_file(str(model_dir / shard)))
+        self.model.load_state_dict({k[6:]: v.float() for k, v in weights.items() if k.startswith("model.")},
+                                   strict=False)
+        raw = json.loads((model_dir / "config.json").read_text())
+        self.n_hidden = raw.get("gating_n_hidden", 3)
+        self.temperature = raw.get("gating_temperature", 10)
+        self.head = {k: v.float() for k, v in weights.items() if not k.startswith("model.")}
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
+
+    def encode(self, row):
+        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        ids = self.tok.apply_chat_template(msgs, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def gate(self, ids):
+        n = len(self.pattern)
+        for j in range(len(ids) - n, -1, -1):
+            if ids[j:j + n] == self.pattern:
+                return j
+        raise ValueError("Token pattern not found in the list.")
+
+    def head_scores(self, last, gate):
+        torch, w = self.torch, self.head
+        rewards = last @ w["regression_layer.weight"].T
+        x = gate
+        for i in range(self.n_hidden + 1):
+            x = x @ w[f"gating.layers.{i}.weight"].T + w[f"gating.layers.{i}.bias"]
+            if i < self.n_hidden:
+                x = torch.relu(x)
+        gating = torch.softmax(x / self.temperature, dim=-1) * w["gating.logit_scale"][0]
+        coefficients = gating @ w["reward_transform_matrix"].T
+        return (rewards * coefficients).sum(-1)
+
+    def run(self, encoded, order, batch_size):
+        """Scores rows in `order`, `batch_size` at a time, right-padded with an attention mask."""
+        torch = self.torch
+        scores = [None] * len(encoded)
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                t = max(len(encoded[i]) for i in idx)
+                ids = torch.zeros((len(idx), t), dtype=torch.long)
+                mask = torch.zeros((len(idx), t), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[r, :len(encoded[i])] = 1
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                rows = torch.arange(len(idx))
+                last = hidden[rows, torch.tensor([len(encoded[i]) - 1 for i in idx])]
+                gate = hidden[rows, torch.tensor([self.gate(encoded[i]) for i in idx])]
+                for i, sc in zip(idx, self.head_scores(last, gate).tolist()):
+                    scores[i] = sc
+        return scores
+
+
+def matmul_rate(threads: int, m=2048, k=1024, n=2816, reps=8):
+    import torch
+    torch.set_num_threads(threads)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def model_flops(cfg, lens):
+    """Useful FLOPs of the backbone for rows of these lengths (no padding; full-square attention)."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    per_token = 2 * L * (h * h * 2 + 2 * h * kv + 3 * h * i)
+    return sum(per_token * t + 4 * L * t * t * h for t in lens)
+
+
+# ---------------------------------------------------------------- armorm
+
+
+def run_armorm(binary, model_dir, data, threads, dtype="f32"):
+    out = Path(tempfile.mkdtemp()) / "out.jsonl"
+    cmd = [str(binary), "score", str(data), "--model", str(model_dir), "-o", str(out), "--device", "cpu",
+           "--dtype", dtype, "--threads", str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"armorm failed: {p.stderr}")
+    summary = [l for l in p.stderr.splitlines() if "scored" in l][-1]
+    seconds = float(summary.split(" in ")[1].split(" s")[0])
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    return seconds, {r["id"]: r["score"] for r in rows}, summary
+
+
+def peak_rss(cmd):
+    """Peak resident memory of one child process, in MiB (os.wait4 gives that child's own rusage)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    err = p.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
+    return usage.ru_maxrss / 1024, [l for l in err.splitlines() if "scored" in l][-1]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--armorm", action="append", required=True,
+                    help="LABEL=PATH of an armorm binary; repeat for several builds")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--work", default=str(ROOT / "target" / "bench"))
+    ap.add_argument("--skip-rss", action="store_true", help="skip the 1,000,000-row memory check")
+    ap.add_argument("--skip-slow-reference", action="store_true",
+                    help="skip the unsorted and one-at-a-time transformers pipelines")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    builds = [tuple(a.split("=", 1)) for a in args.armorm]
+
+    model_dir = work / "model"
+    if not (model_dir / "config.json").exists():
+        log("generating the benchmark model ...")
+        subprocess.run([sys.executable, str(ROOT / "fixtures" / "generate.py"), "--bench-only", str(model_dir)],
+                       check=True)
+    data = work / "bench.jsonl"
+    make_dataset(data, args.rows)
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    cfg = json.loads((model_dir / "config.json").read_text())
+
+    ref = Reference(model_dir, args.threads)
+    encoded = [ref.encode(r) for r in rows]
+    lens = [len(e) for e in encoded]
+    tokens = sum(lens)
+    flops = model_flops(cfg, lens)
+    rate = matmul_rate(args.threads)
+    log(f"dataset: {len(rows)} rows, {tokens} tokens, longest {max(lens)}; f32 matmul {rate:.0f} GFLOP/s")
+
+    results = []  # (label, seconds, scores)
+
+    def add(label, seconds, scores):
+        results.append((label, seconds, scores))
+        log(f"{label}: {seconds:.2f} s, {tokens / seconds:.0f} tokens/s")
+
+    ids = [r["id"] for r in rows]
+    order_sorted = sorted(range(len(rows)), key=lambda i: lens[i])
+    t = time.perf_counter()
+    ref_sorted = ref.run(encoded, order_sorted, 8)
+    add("transformers sorted, batches of 8", time.perf_counter() - t, dict(zip(ids, ref_sorted)))
+    if not args.skip_slow_reference:
+        t = time.perf_counter()
+        s = ref.run(encoded, list(range(len(rows))), 8)
+        add("transformers unsorted, batches of 8", time.perf_counter() - t, dict(zip(ids, s)))
+        t = time.perf_counter()
+        s = ref.run(encoded, list(range(len(rows))), 1)
+        add("transformers one row at a time", time.perf_counter() - t, dict(zip(ids, s)))
+
+    for n, (label, binary) in enumerate(builds):
+        seconds, scores, summary = run_armorm(binary, model_dir, data, args.threads)
+        add(f"armorm {label} f32", seconds, scores)
+        if n == 0:
+            seconds16, scores16, _ = run_armorm(binary, model_dir, data, args.threads, "bf16")
+            add(f"armorm {label} bf16", seconds16, scores16)
+
+    reference = dict(zip(ids, ref_sorted))
+    ref_time = results[0][1]
+    print()
+    print(f"machine: {os.cpu_count()} cores, {args.threads} threads; f32 matmul (PyTorch/MKL, "
+          f"{2048}x{1024}x{2816}): {rate:.0f} GFLOP/s")
+    print(f"dataset: {len(rows)} rows, {tokens} tokens (longest {max(lens)}), {flops / 1e12:.2f} TFLOP useful")
+    print()
+    print(f"{'pipeline':42} {'seconds':>8} {'tokens/s':>9} {'vs sorted tf':>12} {'roofline':>9} {'max|diff|':>10}")
+    ok = True
+    for label, seconds, scores in results:
+        diff = max(abs(scores[i] - reference[i]) for i in ids)
+        share = flops / seconds / 1e9 / rate
+        print(f"{label:42} {seconds:8.2f} {tokens / seconds:9.0f} {ref_time / seconds:11.2f}x {share:8.0%} {diff:10.2e}")
+        if label.startswith("armorm") and label.endswith("f32") and diff > 1e-3:
+            ok = False
+    bf16 = [(l, s) for l, _, s in results if l.endswith("bf16")]
+    f32 = [(l, s) for l, _, s in results if l.startswith("armorm") and l.endswith("f32")]
+    if bf16 and f32:
+        a = np.array([f32[0][1][i] for i in ids])
+        b = np.array([bf16[0][1][i] for i in ids])
+        pearson = float(np.corrcoef(a, b)[0, 1])
+        print(f"\nbf16 vs f32 score Pearson: {pearson:.5f} (must be >= 0.999)")
+        ok &= pearson >= 0.999
+    print("scores: armorm f32 within 1e-3 of transformers" if ok else "SCORES DISAGREE")
+
+    if not args.skip_rss:
+        label, binary = builds[0]
+        small, large = work / "rss-10k.jsonl", work / "rss-1m.jsonl"
+        make_rss_dataset(small, 10_000)
+        if not large.exists():
+            make_rss_dataset(large, 1_000_000)
+        tiny = ROOT / "fixtures" / "tiny-armorm"
+        rss = []
+        for path in (small, large):
+            cmd = [str(binary), "score", str(path), "--model", str(tiny), "-o", str(work / "rss-out.parquet"),
+                   "--threads", str(args.threads)]
+            mib, summary = peak_rss(cmd)
+            rss.append(mib)
+            print(f"peak RSS {path.name}: {mib:.0f} MiB  ({summary.replace('armorm: ', '')})")
+        print(f"peak RSS ratio 1M / 10k rows: {rss[1] / rss[0]:.2f} (must be <= 1.5)")
+        ok &= rss[1] / rss[0] <= 1.5
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
