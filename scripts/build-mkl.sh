@@ -18,7 +18,11 @@ mkdir -p "$root/lib"
 for lib in libmkl_intel_lp64.a libmkl_intel_thread.a libmkl_core.a libmkl_sequential.a libiomp5.a; do
   ln -sf "$(realpath "$venv/lib/$lib")" "$root/lib/$lib"
 done
-ln -sfn "$(realpath "$venv/include")" "$root/include"
+# Real folders of links: intel-mkl-tool's directory walk does not descend into a linked folder.
+mkdir -p "$root/include"
+for h in "$venv"/include/*.h; do
+  ln -sf "$(realpath "$h")" "$root/include/$(basename "$h")"
+done
 
 MKLROOT="$(realpath "$root")" cargo build --release --features mkl
 cp target/release/armorm target/release/armorm-mkl

@@ -55,44 +55,84 @@ impl Attention {
         })
     }
 
-    /// `xs` (b, t, h); `mask` additive (b, 1, t, t); `cos`/`sin` (t, d/2).
-    fn forward(&self, xs: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
-        let heads = |x: Tensor, n: usize| {
-            x.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(self.q_proj.forward(xs)?, self.num_heads)?; // (b, nh, t, d)
-        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?; // (b, nkv, t, d)
-        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let k = repeat_kv(k, self.num_heads / self.num_kv_heads)?; // (b, nh, t, d)
-        let v = repeat_kv(v, self.num_heads / self.num_kv_heads)?;
-
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, t, t)
-                                                    // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // (b, nh, t, d)
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, h)
+    /// Queries at every token. `xs` (n, h) flat -> (n, h).
+    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let q = self.rope(
+            &self.q_proj.forward(xs)?,
+            self.num_heads,
+            &lay.cos,
+            &lay.sin,
+        )?; // (n, nh·d)
+        let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
+        let q = lay.pad(&q, self.num_heads, self.head_dim)?; // (b, nh, t, d)
+        let out = self.attend(&q, &k, &v, &lay.causal)?; // (b, nh, t, d)
+        let out = lay.unpad(&out)?; // (n, nh·d)
         self.o_proj.forward(&out)
     }
-}
 
-/// (b, nkv, t, d) -> (b, nkv * n_rep, t, d), each kv head serving `n_rep` query heads in turn.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
+    /// Queries only at `lay.picks`, the tokens a reward model reads; keys and values at every token.
+    /// `xs` (n, h) flat -> (p, h), p = 2b.
+    fn forward_picked(&self, xs: &Tensor, picked: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let q = self.rope(
+            &self.q_proj.forward(picked)?,
+            self.num_heads,
+            &lay.pick_cos,
+            &lay.pick_sin,
+        )?; // (p, nh·d)
+        let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
+        let per_row = lay.picks.len() / lay.b;
+        // Picks are grouped by kind (all last tokens, then all gates): (per_row, b, nh, d) -> (b, nh, per_row, d).
+        let q = q
+            .reshape((per_row, lay.b, self.num_heads, self.head_dim))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?;
+        let out = self.attend(&q, &k, &v, &lay.pick_mask)?; // (b, nh, per_row, d)
+        let out = out
+            .permute((2, 0, 1, 3))?
+            .reshape((per_row * lay.b, self.num_heads * self.head_dim))?; // (p, nh·d)
+        self.o_proj.forward(&out)
     }
-    let (b, nkv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, nkv, n_rep, t, d))?
-        .reshape((b, nkv * n_rep, t, d))
+
+    fn keys_values(&self, xs: &Tensor, lay: &Layout) -> Result<(Tensor, Tensor)> {
+        let k = self.rope(
+            &self.k_proj.forward(xs)?,
+            self.num_kv_heads,
+            &lay.cos,
+            &lay.sin,
+        )?;
+        let v = self.v_proj.forward(xs)?;
+        Ok((
+            lay.pad(&k, self.num_kv_heads, self.head_dim)?,
+            lay.pad(&v, self.num_kv_heads, self.head_dim)?,
+        ))
+    }
+
+    /// Rotary embedding of flat projections (n, heads·d) with per-token cos/sin (n, d/2).
+    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let x = x.reshape((1, n, heads, self.head_dim))?; // (1, n, heads, d)
+        candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.reshape((n, heads * self.head_dim))
+    }
+
+    /// Grouped-query attention without copying kv heads: the n_rep query heads of one kv head are
+    /// stacked along the query axis. `q` (b, nh, tq, d), `k`/`v` (b, nkv, t, d), `mask` additive f32
+    /// broadcastable to (b, nkv, n_rep, tq, t). Returns (b, nh, tq, d).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, _, tq, d) = q.dims4()?;
+        let (nkv, t) = (self.num_kv_heads, k.dim(2)?);
+        let n_rep = self.num_heads / nkv;
+        let q = q.reshape((b, nkv, n_rep * tq, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nkv, n_rep·tq, t)
+                                                    // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, n_rep, tq, t))?
+            .broadcast_add(mask)?
+            .reshape((b, nkv, n_rep * tq, t))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        probs.matmul(v)?.reshape((b, self.num_heads, tq, d))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -144,11 +184,24 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// (n, h) -> (n, h)
+    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, mask, cos, sin)?;
+            .forward(&self.input_layernorm.forward(xs)?, lay)?;
         let xs = (xs + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + mlp
+    }
+
+    /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
+    fn forward_picked(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(xs)?;
+        let picked = normed.index_select(&lay.pick_index, 0)?; // (p, h)
+        let attn = self.self_attn.forward_picked(&normed, &picked, lay)?;
+        let xs = (xs.index_select(&lay.pick_index, 0)? + attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&xs)?)?;
@@ -156,8 +209,7 @@ impl DecoderLayer {
     }
 }
 
-/// `model.*` of the checkpoint. `forward` stops before the final norm: callers normalize only the rows
-/// they read, which for a reward model is two positions per sequence, not every token.
+/// `model.*` of the checkpoint: embeddings, decoder layers and the final norm.
 #[derive(Debug, Clone)]
 pub struct Llama {
     embed_tokens: Embedding,
@@ -193,42 +245,129 @@ impl Llama {
         self.dtype
     }
 
-    /// `ids` (b, t) right-padded with any in-vocabulary id; `lens` the real length of each row.
-    /// Returns the last layer's output before the final norm, (b, t, h).
-    pub fn forward(&self, ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let mask = padding_mask(lens, t, &self.device)?; // (b, 1, t, t)
-        let (cos, sin) = rope::tables(&self.inv_freq, t, self.dtype, &self.device)?;
-        let mut xs = self.embed_tokens.forward(ids)?; // (b, t, h)
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask, &cos, &sin)?;
+    /// Hidden states after the final norm at the `picks` (indices into the flat `ids`), (p, h).
+    ///
+    /// Rows stay flat, `ids[cu_lens[i]..cu_lens[i + 1]]` for row i, through every matmul: padding exists
+    /// only inside attention. The last layer runs its queries, MLP and the norm at the picks alone.
+    pub fn forward(&self, ids: &[u32], cu_lens: &[usize], picks: &[usize]) -> Result<Tensor> {
+        let lay = Layout::new(cu_lens, picks, &self.inv_freq, self.dtype, &self.device)?;
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let mut xs = self.embed_tokens.forward(&ids)?; // (n, h)
+        let Some((last, rest)) = self.layers.split_last() else {
+            return self.norm.forward(&xs.index_select(&lay.pick_index, 0)?);
+        };
+        for layer in rest {
+            xs = layer.forward(&xs, &lay)?;
         }
-        debug_assert_eq!(xs.dim(0)?, b);
-        Ok(xs)
-    }
-
-    /// The final norm, for the few rows that are read: (n, h) -> (n, h).
-    pub fn norm(&self, xs: &Tensor) -> Result<Tensor> {
-        self.norm.forward(xs)
+        let picked = last.forward_picked(&xs, &lay)?; // (p, h)
+        self.norm.forward(&picked)
     }
 }
 
-/// Additive f32 mask (b, 1, t, t): query i sees key j when j <= i (causal) and j < len (padding).
-/// With right padding the causal part already hides padding from every real token; the padding part
-/// keeps padded query rows well defined too.
-fn padding_mask(lens: &[usize], t: usize, device: &Device) -> Result<Tensor> {
-    let mut mask = vec![0f32; lens.len() * t * t];
-    for (row, &len) in lens.iter().enumerate() {
-        let block = &mut mask[row * t * t..(row + 1) * t * t];
-        for i in 0..t {
-            for j in 0..t {
-                if j > i || j >= len.max(1) {
-                    block[i * t + j] = f32::NEG_INFINITY;
-                }
+/// Where each token of a flat batch sits, built once per batch and shared by every layer.
+struct Layout {
+    b: usize,
+    t: usize,
+    picks: Vec<usize>,
+    /// For each slot of the padded (b, t) grid, the flat token it holds (padding repeats token 0).
+    to_padded: Tensor,
+    /// For each flat token, its slot in the padded grid.
+    to_flat: Tensor,
+    pick_index: Tensor,
+    cos: Tensor, // (n, d/2)
+    sin: Tensor,
+    pick_cos: Tensor, // (p, d/2)
+    pick_sin: Tensor,
+    /// Additive causal mask (1, 1, 1, t, t). With right padding it is all that is needed: a real token
+    /// never sees a later position, and every padding slot comes after the row's last real token.
+    causal: Tensor,
+    /// (b, 1, 1, per_row, t): each picked query sees the keys up to its own position.
+    pick_mask: Tensor,
+}
+
+impl Layout {
+    fn new(
+        cu_lens: &[usize],
+        picks: &[usize],
+        inv_freq: &[f32],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let b = cu_lens.len() - 1;
+        let lens: Vec<usize> = cu_lens.windows(2).map(|w| w[1] - w[0]).collect();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let row_of = |i: usize| cu_lens.partition_point(|&c| c <= i) - 1;
+        let pos_of = |i: usize| i - cu_lens[row_of(i)];
+
+        let mut to_padded = vec![0u32; b * t];
+        let mut to_flat = Vec::with_capacity(cu_lens[b]);
+        for (r, w) in cu_lens.windows(2).enumerate() {
+            for (p, i) in (w[0]..w[1]).enumerate() {
+                to_padded[r * t + p] = i as u32;
+                to_flat.push((r * t + p) as u32);
             }
         }
+        let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
+        let pick_positions: Vec<u32> = picks.iter().map(|&i| positions[i]).collect();
+        let (cos_t, sin_t) = rope::tables(inv_freq, t, dtype, dev)?; // (t, d/2)
+        let gather = |table: &Tensor, idx: &[u32]| {
+            table.index_select(&Tensor::from_slice(idx, idx.len(), dev)?, 0)
+        };
+
+        let per_row = picks.len() / b.max(1);
+        let mut pick_mask = vec![f32::NEG_INFINITY; b * per_row * t];
+        for (k, &i) in picks.iter().enumerate() {
+            let (slot, r) = (k / b, k % b);
+            debug_assert_eq!(row_of(i), r, "picks must be grouped by kind, rows in order");
+            for j in 0..=pos_of(i) {
+                pick_mask[(r * per_row + slot) * t + j] = 0.0;
+            }
+        }
+        let causal: Vec<f32> = (0..t * t)
+            .map(|k| {
+                if k % t > k / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Self {
+            b,
+            t,
+            picks: picks.to_vec(),
+            to_padded: Tensor::from_vec(to_padded, b * t, dev)?,
+            to_flat: Tensor::from_vec(to_flat, cu_lens[b], dev)?,
+            pick_index: Tensor::from_vec(
+                picks.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                picks.len(),
+                dev,
+            )?,
+            cos: gather(&cos_t, &positions)?,
+            sin: gather(&sin_t, &positions)?,
+            pick_cos: gather(&cos_t, &pick_positions)?,
+            pick_sin: gather(&sin_t, &pick_positions)?,
+            causal: Tensor::from_vec(causal, (1, 1, 1, t, t), dev)?,
+            pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
+        })
     }
-    Tensor::from_vec(mask, (lens.len(), 1, t, t), device)
+
+    /// Flat (n, heads·d) -> padded (b, heads, t, d).
+    fn pad(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        x.index_select(&self.to_padded, 0)?
+            .reshape((self.b, self.t, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Padded (b, heads, t, d) -> flat (n, heads·d).
+    fn unpad(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, heads, t, d) = x.dims4()?;
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, heads * d))?
+            .index_select(&self.to_flat, 0)
+    }
 }
 
 #[cfg(test)]
@@ -236,33 +375,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mask_is_causal_and_hides_padding() {
-        let m = padding_mask(&[2, 3], 3, &Device::Cpu).unwrap();
-        let m: Vec<Vec<Vec<f32>>> = m.squeeze(1).unwrap().to_vec3().unwrap();
+    fn layout_maps_flat_tokens_to_the_padded_grid_and_back() {
+        // Rows of 2 and 3 tokens; picks: last tokens (1, 4), then gates (0, 2).
+        let lay = Layout::new(&[0, 2, 5], &[1, 4, 0, 2], &[1.0], DType::F32, &Device::Cpu).unwrap();
+        assert_eq!((lay.b, lay.t), (2, 3));
+        assert_eq!(lay.to_padded.to_vec1::<u32>().unwrap(), [0, 1, 0, 2, 3, 4]);
+        assert_eq!(lay.to_flat.to_vec1::<u32>().unwrap(), [0, 1, 3, 4, 5]);
+        // Positions restart at 0 in each row: cos(pos · 1.0).
+        let cos: Vec<f32> = lay.cos.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = [0., 1., 0., 1., 2.].iter().map(|p: &f32| p.cos()).collect();
+        assert_eq!(cos, want);
+        // Row 0's last token (position 1) sees keys 0..=1; row 1's gate (position 0) sees key 0 only.
+        let m: Vec<f32> = lay.pick_mask.flatten_all().unwrap().to_vec1().unwrap();
         let inf = f32::NEG_INFINITY;
-        assert_eq!(
-            m[0],
-            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., inf]]
-        );
-        assert_eq!(
-            m[1],
-            vec![vec![0., inf, inf], vec![0., 0., inf], vec![0., 0., 0.]]
-        );
-    }
-
-    #[test]
-    fn repeat_kv_interleaves_like_transformers() {
-        // transformers' repeat_kv maps query head h to kv head h / n_rep.
-        let x = Tensor::arange(0f32, 2., &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 1, 1))
-            .unwrap();
-        let r: Vec<f32> = repeat_kv(x, 3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(r, vec![0., 0., 0., 1., 1., 1.]);
+        assert_eq!(&m[0..3], &[0., 0., inf]);
+        assert_eq!(&m[9..12], &[0., inf, inf]);
     }
 }

@@ -5,7 +5,7 @@ pub mod head;
 pub mod llama;
 pub mod rope;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
 
 pub use config::ArmoRMConfig;
@@ -67,23 +67,18 @@ impl ArmoRM {
     }
 
     pub fn forward(&self, batch: &FlatBatch) -> Result<HeadOutput> {
-        let lens = batch.lens();
-        let (b, t) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
-        // Padding slots hold id 0, a real embedding row: the pad id may lie past the embedding.
-        let mut padded = vec![0u32; b * t];
-        for (row, w) in batch.cu_lens.windows(2).enumerate() {
-            padded[row * t..row * t + (w[1] - w[0])].copy_from_slice(&batch.ids[w[0]..w[1]]);
-        }
-        let ids = Tensor::from_vec(padded, (b, t), self.model.device())?; // (b, t)
-        let hidden = self.model.forward(&ids, &lens)?; // (b, t, h)
-        let h = hidden.dim(2)?;
-
-        // Only two positions per row are read: the last token (rewards) and the gating token.
-        let mut picks: Vec<u32> = (0..b).map(|r| (r * t + lens[r] - 1) as u32).collect();
-        picks.extend((0..b).map(|r| (r * t + batch.gates[r]) as u32));
-        let picks = Tensor::from_vec(picks, 2 * b, self.model.device())?;
-        let rows = hidden.reshape((b * t, h))?.index_select(&picks, 0)?; // (2b, h)
-        let rows = self.model.norm(&rows)?.to_dtype(DType::F32)?;
+        let b = batch.rows();
+        // Only two tokens per row are read: the last (rewards) and the gating token. Grouped by kind.
+        let mut picks: Vec<usize> = batch.cu_lens[1..].iter().map(|&end| end - 1).collect();
+        picks.extend(
+            batch
+                .cu_lens
+                .iter()
+                .zip(&batch.gates)
+                .map(|(&start, &g)| start + g),
+        );
+        let rows = self.model.forward(&batch.ids, &batch.cu_lens, &picks)?; // (2b, h)
+        let rows = rows.to_dtype(DType::F32)?;
         self.head
             .forward(&rows.narrow(0, 0, b)?, &rows.narrow(0, b, b)?)
     }
