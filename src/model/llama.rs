@@ -13,9 +13,10 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Weights in f32: norms run on the f32 residual stream whatever the compute dtype.
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(size, "weight")?,
+            weight: vb.get_with_hints_dtype(size, "weight", Default::default(), DType::F32)?,
             eps: eps as f32,
         })
     }
@@ -185,27 +186,30 @@ impl DecoderLayer {
     }
 
     /// (n, h) -> (n, h)
+    /// (n, h) -> (n, h). The residual stream `xs` stays f32; each block computes in `lay.dtype`.
+    /// In bf16 this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
     fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, lay)?;
-        let xs = (xs + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        xs + mlp
+        let normed = self.input_layernorm.forward(xs)?.to_dtype(lay.dtype)?;
+        let attn = self.self_attn.forward(&normed, lay)?;
+        let xs = (xs + attn.to_dtype(DType::F32)?)?;
+        self.mlp_residual(&xs, lay)
+    }
+
+    fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let normed = self
+            .post_attention_layernorm
+            .forward(xs)?
+            .to_dtype(lay.dtype)?;
+        xs + self.mlp.forward(&normed)?.to_dtype(DType::F32)?
     }
 
     /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
     fn forward_picked(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(xs)?;
+        let normed = self.input_layernorm.forward(xs)?.to_dtype(lay.dtype)?;
         let picked = normed.index_select(&lay.pick_index, 0)?; // (p, h)
         let attn = self.self_attn.forward_picked(&normed, &picked, lay)?;
-        let xs = (xs.index_select(&lay.pick_index, 0)? + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        xs + mlp
+        let xs = (xs.index_select(&lay.pick_index, 0)? + attn.to_dtype(DType::F32)?)?;
+        self.mlp_residual(&xs, lay)
     }
 }
 
@@ -252,7 +256,7 @@ impl Llama {
     pub fn forward(&self, ids: &[u32], cu_lens: &[usize], picks: &[usize]) -> Result<Tensor> {
         let lay = Layout::new(cu_lens, picks, &self.inv_freq, self.dtype, &self.device)?;
         let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let mut xs = self.embed_tokens.forward(&ids)?; // (n, h)
+        let mut xs = self.embed_tokens.forward(&ids)?.to_dtype(DType::F32)?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {
             return self.norm.forward(&xs.index_select(&lay.pick_index, 0)?);
         };
@@ -266,6 +270,8 @@ impl Llama {
 
 /// Where each token of a flat batch sits, built once per batch and shared by every layer.
 struct Layout {
+    /// The compute dtype of the blocks' matmuls.
+    dtype: DType,
     b: usize,
     t: usize,
     picks: Vec<usize>,
@@ -333,6 +339,7 @@ impl Layout {
             })
             .collect();
         Ok(Self {
+            dtype,
             b,
             t,
             picks: picks.to_vec(),
