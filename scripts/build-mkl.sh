@@ -24,6 +24,13 @@ for h in "$venv"/include/*.h; do
   ln -sf "$(realpath "$h")" "$root/include/$(basename "$h")"
 done
 
+# intel-mkl-src's build script prints nothing when it finds no MKL, and cargo then keeps that empty
+# result; make it look again.
+for out in target/release/build/intel-mkl-src-*/output; do
+  if [ -f "$out" ] && ! grep -q rustc-link-lib "$out"; then
+    rm -rf "$(dirname "$out")"
+  fi
+done
 MKLROOT="$(realpath "$root")" cargo build --release --features mkl
 cp target/release/armorm target/release/armorm-mkl
 # Put the default binary back (its artifacts are cached: this only relinks).

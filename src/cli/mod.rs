@@ -94,9 +94,22 @@ pub struct RunArgs {
     quiet: bool,
 }
 
+/// Every op allocates and frees its output; glibc hands large blocks back to the kernel on free, and
+/// re-faulting and zeroing their pages took ~6% of a CPU run (perf, scripts/perf-notes.md). Keeping
+/// blocks up to 32 MiB (glibc's ceiling for this setting) in the heap trades some resident memory for it.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is called before any worker thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 impl RunArgs {
     /// Before any worker thread exists: candle's matmuls and rayon read these at their first use.
     pub fn apply_threads(&self) {
+        keep_freed_memory();
         if let Some(n) = self.threads {
             for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
                 std::env::set_var(var, n.to_string());
