@@ -178,13 +178,13 @@ def run_armorm(binary, model_dir, data, threads, dtype="f32"):
 
 
 def peak_rss(cmd):
-    """Peak resident memory of one child process, in MiB (os.wait4 gives that child's own rusage)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    err = p.stderr.read().decode()
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return usage.ru_maxrss / 1024, [l for l in err.splitlines() if "scored" in l][-1]
+    """Peak resident memory of an armorm run, in MiB, as its summary line reports it (Linux VmHWM).
+    getrusage's maxrss would not do: it keeps the memory of this Python process from before the exec."""
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr}")
+    summary = [l for l in p.stderr.splitlines() if "scored" in l][-1]
+    return float(summary.split("peak memory ")[1].split(" MiB")[0]), summary
 
 
 # ---------------------------------------------------------------- main

@@ -4,7 +4,7 @@ use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,

@@ -250,7 +250,8 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-type FieldResult<T> = Result<T, (Option<String>, String)>;
+/// A value or (the field at fault, the reason).
+pub type FieldResult<T> = Result<T, (Option<String>, String)>;
 
 /// A JSON row's conversation: `messages`, or `prompt` + `response`.
 pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult<Vec<Message>> {
@@ -287,7 +288,7 @@ pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult
     ])
 }
 
-fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message>> {
+pub fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message>> {
     let Value::Array(items) = value else {
         return Err((
             Some(field.to_string()),
@@ -459,7 +460,7 @@ pub fn conversations_from_frame(
         .collect()
 }
 
-fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Message>> {
+pub fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Message>> {
     let bad = |msg: String| (Some(field.to_string()), msg);
     let st = series.struct_().map_err(|_| {
         bad(format!(

@@ -10,12 +10,16 @@ extern crate intel_mkl_src;
 pub mod batch;
 pub mod chat;
 pub mod encoder;
+pub mod explain;
 pub mod input;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod pairwise;
 pub mod pipeline;
 pub mod scorer;
+pub mod select;
+pub mod table;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.
 pub const ATTRIBUTES: [&str; 19] = [

@@ -83,8 +83,43 @@ impl Target {
     }
 }
 
-/// The input's columns followed by `SCORE_COLUMNS`.
-pub fn with_scores(frame: &DataFrame, scores: &[RowScore]) -> Result<DataFrame, OutputError> {
+/// `armorm score --top-k`: also write each row's K attributes of largest |coefficient|.
+#[derive(Debug, Clone)]
+pub struct TopK {
+    pub k: usize,
+    pub attributes: Vec<String>,
+}
+
+/// `top_attributes` (list<string>) and `top_coefficients` (list<float32>) for each row's coefficients.
+pub fn top_columns(coefficients: &[&[f32]], top: &TopK) -> [Column; 2] {
+    let n = coefficients.len();
+    let mut names = ListStringChunkedBuilder::new("top_attributes".into(), n, n * top.k);
+    let mut values = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+        "top_coefficients".into(),
+        n,
+        n * top.k,
+        DataType::Float32,
+    );
+    for c in coefficients {
+        let idx = crate::explain::top_k(c, top.k);
+        names.append_values_iter(
+            idx.iter()
+                .map(|&i| top.attributes.get(i).map_or("?", |s| s.as_str())),
+        );
+        values.append_slice(&idx.iter().map(|&i| c[i]).collect::<Vec<f32>>());
+    }
+    [
+        names.finish().into_series().into_column(),
+        values.finish().into_series().into_column(),
+    ]
+}
+
+/// The input's columns followed by `SCORE_COLUMNS` (and the top-K columns when asked).
+pub fn with_scores(
+    frame: &DataFrame,
+    scores: &[RowScore],
+    top: Option<&TopK>,
+) -> Result<DataFrame, OutputError> {
     if let Some(name) = SCORE_COLUMNS.iter().find(|c| frame.column(c).is_ok()) {
         return Err(OutputError::Path {
             path: "input".into(),
@@ -107,7 +142,7 @@ pub fn with_scores(frame: &DataFrame, scores: &[RowScore]) -> Result<DataFrame, 
         }
         b.finish().into_series().into_column()
     };
-    let columns = vec![
+    let mut columns = vec![
         Column::new(
             "score".into(),
             scores.iter().map(|s| s.score).collect::<Vec<f32>>(),
@@ -123,6 +158,10 @@ pub fn with_scores(frame: &DataFrame, scores: &[RowScore]) -> Result<DataFrame, 
                 .collect::<Vec<i64>>(),
         ),
     ];
+    if let Some(top) = top {
+        let coefficients: Vec<&[f32]> = scores.iter().map(|s| s.coefficients.as_slice()).collect();
+        columns.extend(top_columns(&coefficients, top));
+    }
     Ok(frame.hstack(&columns)?)
 }
 
@@ -287,7 +326,7 @@ impl Sink for ParquetSink {
     fn finish(mut self: Box<Self>) -> Result<(), OutputError> {
         if self.writer.is_none() {
             // No rows at all: still a valid file, with the score columns.
-            let empty = with_scores(&DataFrame::empty(), &[])?;
+            let empty = with_scores(&DataFrame::empty(), &[], None)?;
             self.writer(&empty.schema().clone())?;
         }
         if let Some(w) = self.writer.take() {
@@ -328,7 +367,7 @@ mod tests {
             coefficients: vec![1.0, 0.0],
             num_tokens: 3,
         };
-        let out = with_scores(&df, &[s(1.0), s(2.0)]).unwrap();
+        let out = with_scores(&df, &[s(1.0), s(2.0)], None).unwrap();
         let names: Vec<String> = out
             .get_column_names()
             .iter()
@@ -349,6 +388,6 @@ mod tests {
             out.column("score").unwrap().f32().unwrap().get(1),
             Some(2.0)
         );
-        assert!(with_scores(&out.select(["score"]).unwrap(), &[s(1.0), s(2.0)]).is_err());
+        assert!(with_scores(&out.select(["score"]).unwrap(), &[s(1.0), s(2.0)], None).is_err());
     }
 }

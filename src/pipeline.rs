@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::encoder::Encoded;
 use crate::input::{Chunk, ChunkSource, InputError, Location};
-use crate::output::{self, OutputError, Sink};
+use crate::output::{self, OutputError, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
 
 /// Windows in flight between two stages; two keep every stage busy while bounding memory.
@@ -97,6 +97,7 @@ pub fn run(
     inputs: Vec<(String, f64, Opener)>,
     scorer: &Scorer,
     sink: Box<dyn Sink + Send>,
+    top: Option<TopK>,
     observer: &(dyn Observer + Sync),
 ) -> Result<Stats, PipelineError> {
     let start = Instant::now();
@@ -104,7 +105,7 @@ pub fn run(
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     thread::scope(|s| {
         let reader = s.spawn(move || read_and_encode(inputs, scorer, enc_tx));
-        let writer = s.spawn(move || write(out_rx, sink, start, observer));
+        let writer = s.spawn(move || write(out_rx, sink, top, start, observer));
         let scored = score_windows(enc_rx, scorer, out_tx);
         // The first error in pipeline order wins: a reader error explains why the model stopped.
         let read = reader.join().unwrap_or(Ok(()));
@@ -225,6 +226,7 @@ fn score_windows(
 fn write(
     rx: Receiver<Option<Scored>>,
     mut sink: Box<dyn Sink + Send>,
+    top: Option<TopK>,
     start: Instant,
     observer: &(dyn Observer + Sync),
 ) -> Result<Option<Stats>, PipelineError> {
@@ -246,7 +248,7 @@ fn write(
                 message,
             })?,
         };
-        let mut scored = output::with_scores(&frame, &w.scores)?;
+        let mut scored = output::with_scores(&frame, &w.scores, top.as_ref())?;
         sink.write(&mut scored)?;
         stats.rows += w.scores.len();
         stats.tokens += w.tokens;

@@ -1,5 +1,9 @@
 //! Command-line definitions shared by the subcommands, and the dispatch to them.
 
+mod best_of_n;
+mod eval;
+mod explain;
+mod filter;
 mod progress;
 mod score;
 
@@ -26,11 +30,24 @@ pub struct Cli {
 enum Command {
     /// Score a dataset: every row gets score, rewards, gating, coefficients and num_tokens.
     Score(score::ScoreArgs),
+    /// Show the objectives that drive each row's score (top K by |coefficient|).
+    Explain(explain::ExplainArgs),
+    /// Pairwise accuracy on chosen/rejected rows, overall, per subset and per RewardBench section.
+    Eval(eval::EvalArgs),
+    /// Keep the rows of a scored file that meet an SQL condition, or the best fraction by score.
+    Filter(filter::FilterArgs),
+    /// Per prompt, keep the best-scored response, or emit DPO pairs (best vs worst).
+    #[command(name = "best-of-n")]
+    BestOfN(best_of_n::BestOfNArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(args) => score::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Filter(args) => filter::run(args),
+        Command::BestOfN(args) => best_of_n::run(args),
     }
 }
 
@@ -131,6 +148,15 @@ pub struct ColumnArgs {
 }
 
 impl ColumnArgs {
+    /// prompt / response / messages, for conversations armorm lays out itself.
+    pub fn default_names() -> Self {
+        Self {
+            prompt_column: "prompt".into(),
+            response_column: "response".into(),
+            messages_column: "messages".into(),
+        }
+    }
+
     pub fn names(&self) -> ColumnNames {
         ColumnNames {
             prompt: self.prompt_column.clone(),

@@ -61,12 +61,22 @@ impl Observer for Progress {
 }
 
 pub fn summary(s: &Stats) -> String {
+    let memory = peak_memory_mib().map_or(String::new(), |m| format!(", peak memory {m} MiB"));
     format!(
-        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%",
+        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%{memory}",
         s.rows,
         s.tokens,
         s.seconds,
         s.tokens_per_second(),
         s.padding_overhead()
     )
+}
+
+/// This process's peak resident memory (Linux's VmHWM, which unlike getrusage's maxrss does not carry
+/// over the parent's memory from before exec).
+fn peak_memory_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }

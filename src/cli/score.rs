@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 
 use armorm::input;
-use armorm::output::{self, Target};
+use armorm::output::{self, Target, TopK};
 use armorm::pipeline::{self, Opener};
 
 use super::progress::Progress;
@@ -22,6 +22,9 @@ pub struct ScoreArgs {
     /// larger windows pad less, smaller ones hold less memory.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     window_rows: u64,
+    /// Also write `top_attributes` and `top_coefficients`: the K objectives of largest |coefficient|.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -31,40 +34,65 @@ pub struct ScoreArgs {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    args.run.apply_threads();
     let target = match &args.output {
         Some(o) => Target::parse(o)?,
         None => Target::default_for(&args.inputs[0]),
     };
-    let loaded = args.model.load()?;
-    let sink = output::open(&target, metadata(&loaded))?;
-    let progress = Progress::new(args.run.quiet, total_size(&args.inputs));
-    let stats = pipeline::run(openers(&args), &loaded.scorer, sink, &progress)?;
-    progress.finish(&stats);
+    let job = Job {
+        inputs: &args.inputs,
+        window_rows: args.window_rows as usize,
+        top_k: args.top_k,
+        model: &args.model,
+        columns: &args.columns,
+        run: &args.run,
+    };
+    job.score_into(&target)?;
     Ok(())
 }
 
-/// Each input's opener, with its share of the total size for progress.
-fn openers(args: &ScoreArgs) -> Vec<(String, f64, Opener)> {
-    let sizes: Vec<Option<u64>> = args.inputs.iter().map(|p| file_size(p)).collect();
-    let total: u64 = sizes.iter().flatten().sum();
-    args.inputs
-        .iter()
-        .zip(sizes)
-        .map(|(path, size)| {
-            let share = match (size, total) {
-                (Some(s), t) if t > 0 => s as f64 / t as f64,
-                _ => 0.0,
-            };
-            let (p, names, window) = (
-                path.clone(),
-                args.columns.names(),
-                args.window_rows as usize,
-            );
-            let open: Opener = Box::new(move || input::open(&p, &names, window));
-            (path.clone(), share, open)
-        })
-        .collect()
+/// A scoring run, also used by the commands that score raw data before their own work.
+pub struct Job<'a> {
+    pub inputs: &'a [String],
+    pub window_rows: usize,
+    pub top_k: Option<usize>,
+    pub model: &'a ModelArgs,
+    pub columns: &'a ColumnArgs,
+    pub run: &'a RunArgs,
+}
+
+impl Job<'_> {
+    pub fn score_into(&self, target: &Target) -> Result<()> {
+        self.run.apply_threads();
+        let loaded = self.model.load()?;
+        let sink = output::open(target, metadata(&loaded))?;
+        let progress = Progress::new(self.run.quiet, total_size(self.inputs));
+        let top = self.top_k.map(|k| TopK {
+            k,
+            attributes: armorm::attribute_names(loaded.config.num_objectives),
+        });
+        let stats = pipeline::run(self.openers(), &loaded.scorer, sink, top, &progress)?;
+        progress.finish(&stats);
+        Ok(())
+    }
+
+    /// Each input's opener, with its share of the total size for progress.
+    fn openers(&self) -> Vec<(String, f64, Opener)> {
+        let sizes: Vec<Option<u64>> = self.inputs.iter().map(|p| file_size(p)).collect();
+        let total: u64 = sizes.iter().flatten().sum();
+        self.inputs
+            .iter()
+            .zip(sizes)
+            .map(|(path, size)| {
+                let share = match (size, total) {
+                    (Some(s), t) if t > 0 => s as f64 / t as f64,
+                    _ => 0.0,
+                };
+                let (p, names, window) = (path.clone(), self.columns.names(), self.window_rows);
+                let open: Opener = Box::new(move || input::open(&p, &names, window));
+                (path.clone(), share, open)
+            })
+            .collect()
+    }
 }
 
 fn file_size(path: &str) -> Option<u64> {
@@ -79,7 +107,7 @@ fn total_size(inputs: &[String]) -> bool {
 }
 
 /// Parquet key-value metadata: what the numbers mean and where they came from.
-fn metadata(loaded: &Loaded) -> Vec<(String, String)> {
+pub fn metadata(loaded: &Loaded) -> Vec<(String, String)> {
     let names = armorm::attribute_names(loaded.config.num_objectives);
     vec![
         (

@@ -1,0 +1,282 @@
+//! `armorm eval`: pairwise accuracy on chosen/rejected data, RewardBench's way.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use polars::prelude::*;
+
+use armorm::chat::Message;
+use armorm::output::Target;
+use armorm::pairwise::{self, Summary};
+use armorm::table;
+
+use super::score::Job;
+use super::{ColumnArgs, ModelArgs, RunArgs};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Rows with prompt, chosen and rejected (strings or message lists), and optionally subset and id;
+    /// .jsonl, .parquet, or - for JSONL on stdin.
+    #[arg(default_value = "-")]
+    input: String,
+    /// Per-pair results: .parquet or .jsonl [default: INPUT's stem + .eval.parquet; none for stdin]
+    #[arg(short, long)]
+    output: Option<String>,
+    /// Also write the summary as JSON here.
+    #[arg(long)]
+    summary: Option<String>,
+    #[arg(long, default_value = "prompt")]
+    prompt_column: String,
+    #[arg(long, default_value = "chosen")]
+    chosen_column: String,
+    #[arg(long, default_value = "rejected")]
+    rejected_column: String,
+    #[arg(long, default_value = "subset")]
+    subset_column: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let label = if args.input == "-" {
+        "<stdin>"
+    } else {
+        args.input.as_str()
+    };
+    let locate = |i: usize, field: Option<String>, m: String| {
+        let at = if table::is_parquet(&args.input) {
+            format!("row {}", i + 1)
+        } else {
+            format!("line {}", i + 1)
+        };
+        match field {
+            Some(f) => anyhow!("{label}: {at}: field `{f}`: {m}"),
+            None => anyhow!("{label}: {at}: {m}"),
+        }
+    };
+    let (frame, pairs) = if table::is_parquet(&args.input) {
+        let frame = table::read(&args.input)?.frame;
+        let pairs = (0..frame.height())
+            .map(|i| {
+                pairwise::pair_conversations(
+                    &frame,
+                    i,
+                    &args.prompt_column,
+                    &args.chosen_column,
+                    &args.rejected_column,
+                )
+                .map_err(|(f, m)| locate(i, f, m))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        (frame, pairs)
+    } else {
+        // JSON rows one by one: a field may be a string on one line and a message list on the next.
+        let bytes = table::read_bytes(&args.input)?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|e| anyhow!("{label}: not valid UTF-8: {e}"))?;
+        let mut pairs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| locate(i, None, format!("malformed JSON: {e}")))?;
+            pairs.push(
+                pairwise::pair_conversations_json(
+                    &v,
+                    &args.prompt_column,
+                    &args.chosen_column,
+                    &args.rejected_column,
+                )
+                .map_err(|(f, m)| locate(i, f, m))?,
+            );
+        }
+        (table::jsonl_frame(label, bytes)?, pairs)
+    };
+    // Each distinct conversation is scored once: shared prompts and identical answers cost nothing twice.
+    let mut unique: Vec<&Vec<Message>> = Vec::new();
+    let mut index: HashMap<&Vec<Message>, usize> = HashMap::new();
+    let mut sides = Vec::with_capacity(pairs.len());
+    for (c, r) in &pairs {
+        let mut ids = [0usize; 2];
+        for (slot, conv) in [c, r].into_iter().enumerate() {
+            ids[slot] = *index.entry(conv).or_insert_with(|| {
+                unique.push(conv);
+                unique.len() - 1
+            });
+        }
+        sides.push((ids[0], ids[1]));
+    }
+    let (rewards, coefficients) = score_unique(&unique, &args)?;
+
+    let mut score_c = Vec::with_capacity(pairs.len());
+    let mut score_r = Vec::with_capacity(pairs.len());
+    for ((c, r), (conv_c, conv_r)) in sides.iter().zip(&pairs) {
+        // The gating depends on the prompt alone: when both sides share it, both use the chosen side's
+        // coefficients, so that only the responses' rewards differ.
+        let same_prompt = conv_c[..conv_c.len() - 1] == conv_r[..conv_r.len() - 1];
+        let coef_r = if same_prompt {
+            &coefficients[*c]
+        } else {
+            &coefficients[*r]
+        };
+        score_c.push(dot(&rewards[*c], &coefficients[*c]));
+        score_r.push(dot(&rewards[*r], coef_r));
+    }
+    let subsets: Vec<Option<String>> = match frame.column(&args.subset_column) {
+        Ok(col) => {
+            let col = col.cast(&DataType::String)?;
+            let ca = col.str()?;
+            (0..ca.len())
+                .map(|i| ca.get(i).map(str::to_string))
+                .collect()
+        }
+        Err(_) => vec![None; frame.height()],
+    };
+    let summary = pairwise::summarize(&subsets, &score_c, &score_r);
+
+    if let Some(target) = output_target(&args)? {
+        let out = per_pair(&frame, &score_c, &score_r, &sides, &rewards)?;
+        table::write(out, &target, vec![]).context("writing the per-pair results")?;
+    }
+    if let Some(path) = &args.summary {
+        let json = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {path}"))?;
+    }
+    print_summary(&summary)
+}
+
+/// Σ rewards · coefficients, in f64: both sides of a pair go through the same arithmetic.
+fn dot(r: &[f32], c: &[f32]) -> f32 {
+    r.iter()
+        .zip(c)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum::<f64>() as f32
+}
+
+type Lists = Vec<Vec<f32>>;
+
+fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lists)> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let input = dir.path().join("conversations.jsonl");
+    let mut text = String::new();
+    for conv in unique {
+        text.push_str(&serde_json::to_string(
+            &serde_json::json!({ "messages": conv }),
+        )?);
+        text.push('\n');
+    }
+    std::fs::write(&input, text)?;
+    let scored = dir.path().join("scored.parquet");
+    let inputs = [input.display().to_string()];
+    let columns = ColumnArgs::default_names();
+    let job = Job {
+        inputs: &inputs,
+        window_rows: 4096,
+        top_k: None,
+        model: &args.model,
+        columns: &columns,
+        run: &args.run,
+    };
+    job.score_into(&Target::parse(&scored.display().to_string())?)?;
+    let t = table::read(&scored.display().to_string())?;
+    let rewards = table::f32_lists(&t.frame, "rewards").map_err(|m| anyhow!(m))?;
+    let coefficients = table::f32_lists(&t.frame, "coefficients").map_err(|m| anyhow!(m))?;
+    Ok((rewards, coefficients))
+}
+
+fn output_target(args: &EvalArgs) -> Result<Option<Target>> {
+    Ok(match (&args.output, args.input.as_str()) {
+        (Some(o), _) => Some(Target::parse(o)?),
+        (None, "-") => None,
+        (None, input) => {
+            let p = std::path::Path::new(input);
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("eval");
+            Some(Target::parse(
+                &p.with_file_name(format!("{stem}.eval.parquet"))
+                    .display()
+                    .to_string(),
+            )?)
+        }
+    })
+}
+
+fn per_pair(
+    frame: &DataFrame,
+    c: &[f32],
+    r: &[f32],
+    sides: &[(usize, usize)],
+    rewards: &Lists,
+) -> Result<DataFrame> {
+    let list = |name: &str, pick: fn(&(usize, usize)) -> usize| -> Column {
+        let n = sides.len();
+        let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+            name.into(),
+            n,
+            n * 19,
+            DataType::Float32,
+        );
+        for s in sides {
+            b.append_slice(&rewards[pick(s)]);
+        }
+        b.finish().into_series().into_column()
+    };
+    let margin: Vec<f32> = c.iter().zip(r).map(|(a, b)| a - b).collect();
+    let correct: Vec<bool> = c
+        .iter()
+        .zip(r)
+        .map(|(a, b)| pairwise::is_correct(*a, *b))
+        .collect();
+    Ok(frame.hstack(&[
+        Column::new("score_chosen".into(), c.to_vec()),
+        Column::new("score_rejected".into(), r.to_vec()),
+        Column::new("margin".into(), margin),
+        Column::new("correct".into(), correct),
+        list("rewards_chosen", |s| s.0),
+        list("rewards_rejected", |s| s.1),
+    ])?)
+}
+
+fn print_summary(s: &Summary) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let o = &s.overall;
+    writeln!(
+        out,
+        "accuracy {:.4} ({} of {} pairs; {} ties, counted wrong as in RewardBench)",
+        o.accuracy, o.correct, o.pairs, o.ties
+    )?;
+    if !s.subsets.is_empty() {
+        let w = s.subsets.keys().map(|k| k.len()).max().unwrap_or(6).max(6);
+        writeln!(
+            out,
+            "\n{:<w$}  {:>6}  {:>7}  {:>4}  {:>8}",
+            "subset", "pairs", "correct", "ties", "accuracy"
+        )?;
+        for (name, st) in &s.subsets {
+            writeln!(
+                out,
+                "{name:<w$}  {:>6}  {:>7}  {:>4}  {:>8.4}",
+                st.pairs, st.correct, st.ties, st.accuracy
+            )?;
+        }
+    }
+    if let Some(rb) = &s.rewardbench {
+        writeln!(out, "\nRewardBench (percent)")?;
+        for (name, v) in &rb.sections {
+            writeln!(out, "{name:<12} {v:6.2}")?;
+        }
+        if let Some(p) = rb.prior_sets {
+            writeln!(out, "{:<12} {p:6.2}  (weight 0.5)", "Prior Sets")?;
+        }
+        match rb.score {
+            Some(v) => writeln!(out, "{:<12} {v:6.2}", "Score")?,
+            None => writeln!(out, "{:<12} (needs all four sections)", "Score")?,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

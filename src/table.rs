@@ -1,0 +1,141 @@
+//! Whole scored tables for the commands that work after scoring: read one (Parquet, JSONL or stdin),
+//! find its attribute names, and write one out.
+
+use std::fs::File;
+use std::io::{Cursor, Read};
+use std::path::Path;
+
+use polars::prelude::*;
+
+use crate::input::InputError;
+use crate::output::{self, OutputError, Target};
+
+/// A table and the names of the objectives in its `rewards`/`coefficients` lists.
+pub struct Table {
+    pub frame: DataFrame,
+    pub attributes: Vec<String>,
+}
+
+/// Whether `path` is read as Parquet (else JSONL).
+pub fn is_parquet(path: &str) -> bool {
+    let ext = Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    path != "-" && matches!(ext.as_str(), "parquet" | "pq")
+}
+
+/// All the bytes of a JSONL input (`-` is stdin).
+pub fn read_bytes(path: &str) -> Result<Vec<u8>, InputError> {
+    let mut bytes = Vec::new();
+    let read = if path == "-" {
+        std::io::stdin().read_to_end(&mut bytes)
+    } else {
+        File::open(path).and_then(|mut f| f.read_to_end(&mut bytes))
+    };
+    read.map_err(|e| InputError::new(path, None, format!("cannot read: {e}")))?;
+    Ok(bytes)
+}
+
+/// A JSONL input's columns, by polars.
+pub fn jsonl_frame(path: &str, bytes: Vec<u8>) -> Result<DataFrame, InputError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(DataFrame::empty());
+    }
+    JsonReader::new(Cursor::new(bytes))
+        .with_json_format(JsonFormat::JsonLines)
+        .finish()
+        .map_err(|e| InputError::new(path, None, format!("not valid JSONL: {e}")))
+}
+
+/// Reads all of `path` (`-` is JSONL on stdin).
+pub fn read(path: &str) -> Result<Table, InputError> {
+    let err = |m: String| InputError::new(path, None, m);
+    let ext = Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let (frame, meta_attrs) = if path != "-" && matches!(ext.as_str(), "parquet" | "pq") {
+        let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let mut reader = ParquetReader::new(file);
+        let attrs = reader
+            .get_metadata()
+            .ok()
+            .and_then(|m| m.key_value_metadata().clone())
+            .and_then(|kv| kv.into_iter().find(|k| k.key == "armorm.attributes"))
+            .and_then(|k| k.value)
+            .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok());
+        let frame = reader
+            .finish()
+            .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+        (frame, attrs)
+    } else if path == "-" || matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
+        (jsonl_frame(path, read_bytes(path)?)?, None)
+    } else {
+        return Err(err(
+            "unknown input format: expected .parquet, .jsonl or - (JSONL on stdin)".into(),
+        ));
+    };
+    let width = list_width(&frame, "coefficients").or_else(|| list_width(&frame, "rewards"));
+    let attributes = match (meta_attrs, width) {
+        (Some(a), Some(w)) if a.len() == w => a,
+        (_, Some(w)) => crate::attribute_names(w),
+        (a, None) => a.unwrap_or_default(),
+    };
+    Ok(Table { frame, attributes })
+}
+
+fn list_width(frame: &DataFrame, name: &str) -> Option<usize> {
+    let list = frame.column(name).ok()?.list().ok()?.clone();
+    (0..list.len()).find_map(|i| list.get_as_series(i).map(|s| s.len()))
+}
+
+/// The f32 values of a list column (e.g. `coefficients`), row by row; an error names the column.
+pub fn f32_lists(frame: &DataFrame, name: &str) -> Result<Vec<Vec<f32>>, String> {
+    let col = frame
+        .column(name)
+        .map_err(|_| format!("no `{name}` column: run armorm score first"))?;
+    let list = col
+        .list()
+        .map_err(|_| format!("`{name}` must be a list of floats, got {}", col.dtype()))?;
+    (0..list.len())
+        .map(|i| {
+            let s = list
+                .get_as_series(i)
+                .ok_or_else(|| format!("row {}: `{name}` is null", i + 1))?;
+            let s = s.cast(&DataType::Float32).map_err(|e| e.to_string())?;
+            Ok(values(s.f32().map_err(|e| e.to_string())?))
+        })
+        .collect()
+}
+
+/// The f32 values of a numeric column (e.g. `score`).
+pub fn f32_column(frame: &DataFrame, name: &str) -> Result<Vec<f32>, String> {
+    let col = frame
+        .column(name)
+        .map_err(|_| format!("no `{name}` column: run armorm score first"))?;
+    let col = col
+        .cast(&DataType::Float32)
+        .map_err(|e| format!("`{name}`: {e}"))?;
+    Ok(values(col.f32().map_err(|e| e.to_string())?))
+}
+
+/// Nulls read as NaN: they compare false in every condition and sort last.
+fn values(ca: &Float32Chunked) -> Vec<f32> {
+    (0..ca.len())
+        .map(|i| ca.get(i).unwrap_or(f32::NAN))
+        .collect()
+}
+
+/// Writes a whole table to `target` through the same never-half-written sinks as `armorm score`.
+pub fn write(
+    mut frame: DataFrame,
+    target: &Target,
+    metadata: Vec<(String, String)>,
+) -> Result<(), OutputError> {
+    let mut sink = output::open(target, metadata)?;
+    sink.write(&mut frame)?;
+    sink.finish()
+}
