@@ -114,9 +114,9 @@ pub struct RewardBenchScores {
     pub sections: BTreeMap<String, f64>,
     /// In percent: the mean accuracy of the prior sets present.
     pub prior_sets: Option<f64>,
-    /// In percent: the mean of the four sections, with the prior sets at weight 0.5 when present;
-    /// only when all four sections are present.
-    pub score: Option<f64>,
+    /// In percent: the leaderboard's average, weights 2 for each section and 1 for the prior sets, over
+    /// those present (the leaderboard masks missing ones the same way).
+    pub score: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -200,13 +200,9 @@ fn rewardbench_scores(subsets: &BTreeMap<String, SubsetStats>) -> Option<RewardB
     if sections.is_empty() && prior_sets.is_none() {
         return None;
     }
-    let score = (sections.len() == SECTIONS.len()).then(|| {
-        let sum: f64 = sections.values().sum();
-        match prior_sets {
-            Some(p) => (sum + 0.5 * p) / 4.5,
-            None => sum / 4.0,
-        }
-    });
+    let weighted: f64 = 2.0 * sections.values().sum::<f64>() + prior_sets.unwrap_or(0.0);
+    let weights = 2.0 * sections.len() as f64 + if prior_sets.is_some() { 1.0 } else { 0.0 };
+    let score = weighted / weights;
     Some(RewardBenchScores {
         sections,
         prior_sets,
@@ -336,8 +332,23 @@ mod tests {
         );
         assert_eq!(s.subsets["alpacaeval-easy"].accuracy, 0.5);
         // Chat = (0.5 · 100 + 1.0 · 28) / 128.
-        let chat = s.rewardbench.unwrap().sections["Chat"];
-        assert!((chat - 100.0 * (50.0 + 28.0) / 128.0).abs() < 1e-9);
+        let rb = s.rewardbench.unwrap();
+        assert!((rb.sections["Chat"] - 100.0 * (50.0 + 28.0) / 128.0).abs() < 1e-9);
+        assert_eq!(rb.score, rb.sections["Chat"]);
+    }
+
+    #[test]
+    fn prior_sets_weigh_half_a_section() {
+        let subsets: Vec<Option<String>> = ["alpacaeval-easy", "shp", "summarize"]
+            .iter()
+            .map(|s| Some(s.to_string()))
+            .collect();
+        let rb = summarize(&subsets, &[1.0, 1.0, 0.0], &[0.0, 0.0, 1.0])
+            .rewardbench
+            .unwrap();
+        assert_eq!(rb.prior_sets, Some(50.0));
+        // (2 · 100 + 1 · 50) / 3
+        assert!((rb.score - 250.0 / 3.0).abs() < 1e-9);
     }
 
     #[test]

@@ -147,7 +147,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {path}"))?;
     }
-    print_summary(&summary)
+    let to_stdout = !matches!(output_target(&args)?, Some(Target { path: None, .. }));
+    if to_stdout {
+        print_summary(&summary, &mut std::io::stdout().lock())
+    } else {
+        // `-o -` gives stdout to the per-pair rows.
+        print_summary(&summary, &mut std::io::stderr().lock())
+    }
 }
 
 /// Σ rewards · coefficients, in f64: both sides of a pair go through the same arithmetic.
@@ -241,8 +247,8 @@ fn per_pair(
     ])?)
 }
 
-fn print_summary(s: &Summary) -> Result<()> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+fn print_summary(s: &Summary, w: &mut dyn Write) -> Result<()> {
+    let mut out = std::io::BufWriter::new(w);
     let o = &s.overall;
     writeln!(
         out,
@@ -272,10 +278,11 @@ fn print_summary(s: &Summary) -> Result<()> {
         if let Some(p) = rb.prior_sets {
             writeln!(out, "{:<12} {p:6.2}  (weight 0.5)", "Prior Sets")?;
         }
-        match rb.score {
-            Some(v) => writeln!(out, "{:<12} {v:6.2}", "Score")?,
-            None => writeln!(out, "{:<12} (needs all four sections)", "Score")?,
-        }
+        writeln!(
+            out,
+            "{:<12} {:6.2}  (sections weight 2, prior sets 1, over those present)",
+            "Score", rb.score
+        )?;
     }
     out.flush()?;
     Ok(())
