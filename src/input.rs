@@ -78,6 +78,40 @@ pub struct Chunk {
     pub locations: Vec<Location>,
 }
 
+impl Chunk {
+    /// The rows for which `keep` holds, by position in the chunk.
+    pub fn retain(self, keep: impl Fn(usize) -> bool) -> Result<Chunk, InputError> {
+        let mask: Vec<bool> = (0..self.conversations.len()).map(&keep).collect();
+        if mask.iter().all(|&k| k) {
+            return Ok(self);
+        }
+        let frame = self
+            .frame
+            .filter(&BooleanChunked::from_slice("keep".into(), &mask))
+            .map_err(|e| InputError::new("input", None, e))?;
+        let pick = |i: &usize| mask[*i];
+        let conversations = self
+            .conversations
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| pick(i))
+            .map(|(_, c)| c)
+            .collect();
+        let locations = self
+            .locations
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| pick(i))
+            .map(|(_, l)| l)
+            .collect();
+        Ok(Chunk {
+            frame,
+            conversations,
+            locations,
+        })
+    }
+}
+
 pub trait ChunkSource {
     fn next_chunk(&mut self) -> Result<Option<Chunk>, InputError>;
 

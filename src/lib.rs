@@ -19,6 +19,7 @@ pub mod pairwise;
 pub mod pipeline;
 pub mod scorer;
 pub mod select;
+pub mod shard;
 pub mod table;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.

@@ -301,17 +301,17 @@ impl ParquetSink {
         &mut self,
         schema: &Schema,
     ) -> Result<&mut polars::io::parquet::write::BatchedWriter<File>, OutputError> {
-        if self.writer.is_none() {
-            let file = self.file.take().ok_or_else(|| OutputError::Path {
-                path: self.target.display().to_string(),
-                message: "writer reopened".into(),
-            })?;
+        if let Some(file) = self.file.take() {
             let writer = ParquetWriter::new(file)
                 .with_key_value_metadata(Some(KeyValueMetadata::from_static(self.metadata.clone())))
                 .batched(schema)?;
             self.writer = Some(writer);
         }
-        Ok(self.writer.as_mut().expect("set above"))
+        // The file becomes the writer on the first call: exactly one of the two is set.
+        self.writer.as_mut().ok_or_else(|| OutputError::Path {
+            path: self.target.display().to_string(),
+            message: "the Parquet writer is gone".into(),
+        })
     }
 }
 

@@ -19,6 +19,7 @@ use crate::encoder::Encoded;
 use crate::input::{Chunk, ChunkSource, InputError, Location};
 use crate::output::{self, OutputError, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
+use crate::shard::Shard;
 
 /// Windows in flight between two stages; two keep every stage busy while bounding memory.
 const QUEUE: usize = 2;
@@ -93,18 +94,26 @@ struct Scored {
 
 /// Runs the whole dataset through `scorer` into `sink`. `inputs` pairs each opener with its name (for
 /// errors) and its share of the total input size (for progress).
+/// What to add to the rows and which rows to take.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub top: Option<TopK>,
+    pub shard: Option<Shard>,
+}
+
 pub fn run(
     inputs: Vec<(String, f64, Opener)>,
     scorer: &Scorer,
     sink: Box<dyn Sink + Send>,
-    top: Option<TopK>,
+    options: Options,
     observer: &(dyn Observer + Sync),
 ) -> Result<Stats, PipelineError> {
+    let Options { top, shard } = options;
     let start = Instant::now();
     let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     thread::scope(|s| {
-        let reader = s.spawn(move || read_and_encode(inputs, scorer, enc_tx));
+        let reader = s.spawn(move || read_and_encode(inputs, scorer, shard, enc_tx));
         let writer = s.spawn(move || write(out_rx, sink, top, start, observer));
         let scored = score_windows(enc_rx, scorer, out_tx);
         // The first error in pipeline order wins: a reader error explains why the model stopped.
@@ -123,9 +132,12 @@ pub fn run(
 fn read_and_encode(
     inputs: Vec<(String, f64, Opener)>,
     scorer: &Scorer,
+    shard: Option<Shard>,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
     let mut done_share = 0.0;
+    // Rows counted from 0 across all inputs: the key of the shard assignment.
+    let mut next_row = 0usize;
     for (name, share, open) in inputs {
         let mut source = match open() {
             Ok(s) => s,
@@ -144,6 +156,21 @@ fn read_and_encode(
                 }
             };
             let fraction = source.fraction_read().map(|f| done_share + f * share);
+            let first = next_row;
+            next_row += chunk.conversations.len();
+            let chunk = match shard {
+                Some(s) => match chunk.retain(|i| s.keeps(first + i)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return Ok(());
+                    }
+                },
+                None => chunk,
+            };
+            if chunk.conversations.is_empty() {
+                continue;
+            }
             let item = encode_chunk(chunk, scorer).map(|(chunk, encoded)| Encoded_ {
                 chunk,
                 input: name.clone(),

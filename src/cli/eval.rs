@@ -184,6 +184,7 @@ fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lis
         inputs: &inputs,
         window_rows: 4096,
         top_k: None,
+        shard: None,
         model: &args.model,
         columns: &columns,
         run: &args.run,

@@ -94,6 +94,7 @@ fn scored_table(args: &ExplainArgs) -> Result<Table> {
         inputs: &inputs,
         window_rows: 4096,
         top_k: None,
+        shard: None,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,

@@ -1,11 +1,12 @@
 //! `armorm score`: a dataset in, the same rows with every model output appended out.
 
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 
 use armorm::input;
 use armorm::output::{self, Target, TopK};
-use armorm::pipeline::{self, Opener};
+use armorm::pipeline::{self, Opener, Options};
+use armorm::shard::Shard;
 
 use super::progress::Progress;
 use super::{ColumnArgs, Loaded, ModelArgs, RunArgs};
@@ -22,6 +23,14 @@ pub struct ScoreArgs {
     /// larger windows pad less, smaller ones hold less memory.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     window_rows: u64,
+    /// Score only shard K of N (K from 0): rows i with i mod N = K, counted over all inputs. OUTPUT is
+    /// then a directory that receives part-K-of-N.parquet. `auto` takes K and N from a Slurm job array
+    /// or a Kubernetes Indexed Job (with --shard-count).
+    #[arg(long, value_name = "K/N|auto")]
+    shard: Option<String>,
+    /// N for `--shard auto` under a Kubernetes Indexed Job (its completions).
+    #[arg(long, value_name = "N")]
+    shard_count: Option<usize>,
     /// Also write `top_attributes` and `top_coefficients`: the K objectives of largest |coefficient|.
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
@@ -34,14 +43,23 @@ pub struct ScoreArgs {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let target = match &args.output {
-        Some(o) => Target::parse(o)?,
-        None => Target::default_for(&args.inputs[0]),
+    let shard = match args.shard.as_deref() {
+        None => None,
+        Some("auto") => Some(
+            Shard::from_env(|k| std::env::var(k).ok(), args.shard_count).map_err(|m| anyhow!(m))?,
+        ),
+        Some(spec) => Some(Shard::parse(spec).map_err(|m| anyhow!(m))?),
+    };
+    let target = match (&args.output, shard) {
+        (Some(o), None) => Target::parse(o)?,
+        (None, None) => Target::default_for(&args.inputs[0]),
+        (o, Some(s)) => shard_target(o.as_deref(), &args.inputs[0], s)?,
     };
     let job = Job {
         inputs: &args.inputs,
         window_rows: args.window_rows as usize,
         top_k: args.top_k,
+        shard,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,
@@ -50,11 +68,30 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// OUTPUT/part-K-of-N.parquet, OUTPUT defaulting to the first input's stem + `.scores`; the directory is
+/// created, since N processes on N machines share it.
+fn shard_target(dir: Option<&str>, first_input: &str, shard: Shard) -> Result<Target> {
+    let dir = match dir {
+        Some("-") => return Err(anyhow!("--shard writes files: give -o DIRECTORY")),
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let p = std::path::Path::new(first_input);
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+            p.with_file_name(format!("{stem}.scores"))
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Target::parse(
+        &dir.join(shard.file_name("parquet")).display().to_string(),
+    )?)
+}
+
 /// A scoring run, also used by the commands that score raw data before their own work.
 pub struct Job<'a> {
     pub inputs: &'a [String],
     pub window_rows: usize,
     pub top_k: Option<usize>,
+    pub shard: Option<Shard>,
     pub model: &'a ModelArgs,
     pub columns: &'a ColumnArgs,
     pub run: &'a RunArgs,
@@ -70,7 +107,11 @@ impl Job<'_> {
             k,
             attributes: armorm::attribute_names(loaded.config.num_objectives),
         });
-        let stats = pipeline::run(self.openers(), &loaded.scorer, sink, top, &progress)?;
+        let options = Options {
+            top,
+            shard: self.shard,
+        };
+        let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
         progress.finish(&stats);
         Ok(())
     }

@@ -6,4 +6,5 @@ mod common;
 mod errors;
 mod formats;
 mod parity;
+mod shards;
 mod tokens;
