@@ -12,15 +12,12 @@ pub const GATING_TEXT: &str = "<|eot_id|><|start_header_id|>assistant<|end_heade
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
-    #[error("{path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
     Tokenizer { path: String, message: String },
-    #[error("{path}: {source}")]
-    Template { path: String, source: TemplateError },
+    #[error("{path}: {error}")]
+    Template { path: String, error: TemplateError },
     #[error("the tokenizer encodes the gating text {GATING_TEXT:?} to no ids")]
     NoPattern,
 }
@@ -49,14 +46,14 @@ impl Encoder {
             path: tok_path.display().to_string(),
             message: e.to_string(),
         })?;
-        let cfg = std::fs::read_to_string(&cfg_path).map_err(|source| EncoderError::Read {
+        let cfg = std::fs::read_to_string(&cfg_path).map_err(|error| EncoderError::Read {
             path: cfg_path.display().to_string(),
-            source,
+            error,
         })?;
         let template =
-            ChatTemplate::from_tokenizer_config(&cfg).map_err(|source| EncoderError::Template {
+            ChatTemplate::from_tokenizer_config(&cfg).map_err(|error| EncoderError::Template {
                 path: cfg_path.display().to_string(),
-                source,
+                error,
             })?;
         Self::new(tokenizer, template, vocab_size).map_err(|e| match e {
             EncoderError::Tokenizer { message, .. } => EncoderError::Tokenizer {

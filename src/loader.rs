@@ -33,10 +33,10 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Encoder(#[from] EncoderError),
-    #[error("loading weights from {dir}: {source}")]
+    #[error("loading weights from {dir}: {error}")]
     Weights {
         dir: String,
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
     #[error("{0}")]
     Device(String),
@@ -230,9 +230,9 @@ pub fn load(
 ) -> Result<(ArmoRM, ArmoRMConfig, Encoder), LoadError> {
     let cfg = read_config(&files.dir)?;
     let encoder = Encoder::from_dir(&files.dir, cfg.vocab_size)?;
-    let weights_err = |source| LoadError::Weights {
+    let weights_err = |error| LoadError::Weights {
         dir: files.dir.display().to_string(),
-        source,
+        error,
     };
     // SAFETY: the weights are memory-mapped read-only; as in every safetensors loader, they must not
     // be modified by another process while armorm runs.

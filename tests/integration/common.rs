@@ -115,7 +115,8 @@ pub fn armorm_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     if let Some(data) = stdin {
         use std::io::Write;
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(data).unwrap();
+        // armorm may stop before reading everything (e.g. a model error): not the test's failure.
+        let _ = pipe.write_all(data);
     }
     child.wait_with_output().unwrap()
 }

@@ -201,3 +201,79 @@ fn late_error_leaves_no_output() {
         assert_eq!(left.len(), 1, "only the input may remain: {left:?}");
     }
 }
+
+/// A copy of the tiny model with `damage` applied; returns armorm's stderr for one row.
+fn broken_model(damage: impl Fn(&std::path::Path)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir(TINY)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    damage(&model);
+    let out = armorm_stdin(
+        &["score", "-", "--model", model.to_str().unwrap(), "-o", "-"],
+        Some(GOOD.as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn edit_config(
+    dir: &std::path::Path,
+    edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    std::fs::write(path, cfg.to_string()).unwrap();
+}
+
+#[test]
+fn broken_model_files_are_named() {
+    let err = broken_model(|d| edit_config(d, |c| drop(c.remove("hidden_size"))));
+    assert!(
+        err.contains("config.json") && err.contains("missing field `hidden_size`"),
+        "{err}"
+    );
+
+    let err =
+        broken_model(|d| edit_config(d, |c| drop(c.insert("num_hidden_layers".into(), 3.into()))));
+    assert!(err.contains("cannot find tensor model.layers.2"), "{err}");
+
+    let err = broken_model(|d| {
+        edit_config(d, |c| {
+            drop(c.insert("intermediate_size".into(), 100.into()))
+        })
+    });
+    assert!(
+        err.contains("shape mismatch for model.layers.0.mlp.gate_proj.weight"),
+        "{err}"
+    );
+
+    let err = broken_model(|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("model-00002-of-00002.safetensors"))
+            .unwrap();
+        f.set_len(1_000_000).unwrap();
+    });
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+
+    let err = broken_model(|d| {
+        edit_config(d, |c| {
+            drop(c.insert(
+                "rope_scaling".into(),
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            ))
+        })
+    });
+    assert!(
+        err.contains("rope_scaling type \"yarn\" is not supported"),
+        "{err}"
+    );
+}
