@@ -89,6 +89,17 @@ impl Encoder {
         &self.pattern
     }
 
+    /// `--truncate prompt-left`: the row cut to `max_len` tokens by dropping the oldest prompt tokens,
+    /// keeping BOS and the first message's header (everything up to the first `<|end_header_id|>` and the
+    /// token after it), and everything from the gating tokens on, so the response and the gate are intact.
+    /// `None` when even that does not fit.
+    pub fn truncate_prompt_left(&self, enc: &Encoded, max_len: usize) -> Option<Encoded> {
+        let over = enc.ids.len().checked_sub(max_len)?;
+        let end_header = self.tokenizer.token_to_id("<|end_header_id|>")?;
+        let keep = enc.ids.iter().position(|&t| t == end_header)? + 2;
+        truncate_between(enc, keep, over)
+    }
+
     /// Renders, tokenizes (without adding special tokens: the template writes BOS) and finds the gate.
     /// The error is a sentence about the row, for the caller to place.
     pub fn encode(&self, messages: &[Message]) -> Result<Encoded, String> {
@@ -118,6 +129,19 @@ fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
         .map_err(|e| format!("tokenizer: {e}"))
 }
 
+/// Drops `over` tokens right after the first `keep`, if they all lie before the gate.
+fn truncate_between(enc: &Encoded, keep: usize, over: usize) -> Option<Encoded> {
+    if keep + over > enc.gate {
+        return None;
+    }
+    let mut ids = enc.ids[..keep].to_vec();
+    ids.extend_from_slice(&enc.ids[keep + over..]);
+    Some(Encoded {
+        ids,
+        gate: enc.gate - over,
+    })
+}
+
 /// Start of the last occurrence of `pattern` in `ids`.
 pub fn find_last(ids: &[u32], pattern: &[u32]) -> Option<usize> {
     if pattern.is_empty() || ids.len() < pattern.len() {
@@ -131,6 +155,24 @@ pub fn find_last(ids: &[u32], pattern: &[u32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_drops_the_oldest_prompt_tokens_only() {
+        // [bos, hdr, user, end, nl, p1, p2, p3, gate.., r]
+        let enc = Encoded {
+            ids: vec![0, 1, 2, 3, 4, 10, 11, 12, 20, 21, 30],
+            gate: 8,
+        };
+        let t = truncate_between(&enc, 5, 2).unwrap();
+        assert_eq!(t.ids, vec![0, 1, 2, 3, 4, 12, 20, 21, 30]);
+        assert_eq!(t.gate, 6);
+        assert_eq!(t.ids[t.gate], enc.ids[enc.gate]);
+        assert!(truncate_between(&enc, 5, 3).is_some());
+        assert!(
+            truncate_between(&enc, 5, 4).is_none(),
+            "the gate would be cut"
+        );
+    }
 
     #[test]
     fn finds_start_of_last_occurrence() {

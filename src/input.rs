@@ -71,10 +71,13 @@ impl InputError {
     }
 }
 
+/// A row's conversation, or why it has none (kept only when bad rows are skipped).
+pub type RowInput = Result<Vec<Message>, InputError>;
+
 /// A slice of the dataset: the input's own columns and the conversation of each row.
 pub struct Chunk {
     pub frame: DataFrame,
-    pub conversations: Vec<Vec<Message>>,
+    pub conversations: Vec<RowInput>,
     pub locations: Vec<Location>,
 }
 
@@ -122,16 +125,18 @@ pub trait ChunkSource {
 }
 
 /// Opens `path` by its extension; `-` is JSONL on stdin.
+/// `skip_bad`: a bad row becomes an `Err` entry of its chunk (its columns null) instead of an error.
 pub fn open(
     path: &str,
     names: &ColumnNames,
     chunk_rows: usize,
+    skip_bad: bool,
 ) -> Result<Box<dyn ChunkSource + Send>, InputError> {
     if path == "-" {
         let stdin = BufReader::new(std::io::stdin());
-        return Ok(Box::new(JsonlSource::new(
-            stdin, "<stdin>", names, chunk_rows,
-        )));
+        let mut source = JsonlSource::new(stdin, "<stdin>", names, chunk_rows);
+        source.skip_bad = skip_bad;
+        return Ok(Box::new(source));
     }
     let ext = Path::new(path)
         .extension()
@@ -141,13 +146,18 @@ pub fn open(
     let file =
         File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
     match ext.as_str() {
-        "jsonl" | "ndjson" | "json" => Ok(Box::new(JsonlSource::new(
-            BufReader::new(file),
-            path,
-            names,
-            chunk_rows,
-        ))),
-        "parquet" | "pq" => Ok(Box::new(ParquetSource::new(file, path, names, chunk_rows)?)),
+        "jsonl" | "ndjson" | "json" => {
+            let size = file.metadata().map(|m| m.len()).ok();
+            let mut source = JsonlSource::new(BufReader::new(file), path, names, chunk_rows);
+            source.total_bytes = size;
+            source.skip_bad = skip_bad;
+            Ok(Box::new(source))
+        }
+        "parquet" | "pq" => {
+            let mut source = ParquetSource::new(file, path, names, chunk_rows)?;
+            source.skip_bad = skip_bad;
+            Ok(Box::new(source))
+        }
         _ => Err(InputError::new(
             path,
             None,
@@ -168,6 +178,7 @@ pub struct JsonlSource<R> {
     done: bool,
     bytes_read: u64,
     total_bytes: Option<u64>,
+    skip_bad: bool,
 }
 
 impl<R: BufRead> JsonlSource<R> {
@@ -182,6 +193,7 @@ impl<R: BufRead> JsonlSource<R> {
             done: false,
             bytes_read: 0,
             total_bytes: None,
+            skip_bad: false,
         }
     }
 
@@ -211,19 +223,36 @@ impl<R: BufRead> ChunkSource for JsonlSource<R> {
             }
             self.line += 1;
             self.bytes_read += n as u64;
-            let text = std::str::from_utf8(&buf)
-                .map_err(|e| InputError::new(self.here(), None, format!("not valid UTF-8: {e}")))?;
+            let text = match std::str::from_utf8(&buf) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.bad(
+                        InputError::new(self.here(), None, format!("not valid UTF-8: {e}")),
+                        &mut bytes,
+                        &mut conversations,
+                        &mut locations,
+                    )?;
+                    continue;
+                }
+            };
             if text.trim().is_empty() {
                 continue;
             }
-            let value: Value = serde_json::from_str(text)
-                .map_err(|e| InputError::new(self.here(), None, format!("malformed JSON: {e}")))?;
-            let messages = conversation_from_json(&value, &self.names)
-                .map_err(|(field, msg)| InputError::new(self.here(), field.as_deref(), msg))?;
-            conversations.push(messages);
-            locations.push(self.here());
-            bytes.extend_from_slice(text.trim_end().as_bytes());
-            bytes.push(b'\n');
+            let row = serde_json::from_str::<Value>(text)
+                .map_err(|e| InputError::new(self.here(), None, format!("malformed JSON: {e}")))
+                .and_then(|value| {
+                    conversation_from_json(&value, &self.names)
+                        .map_err(|(field, msg)| InputError::new(self.here(), field.as_deref(), msg))
+                });
+            match row {
+                Ok(messages) => {
+                    conversations.push(Ok(messages));
+                    locations.push(self.here());
+                    bytes.extend_from_slice(text.trim_end().as_bytes());
+                    bytes.push(b'\n');
+                }
+                Err(e) => self.bad(e, &mut bytes, &mut conversations, &mut locations)?,
+            }
         }
         if conversations.is_empty() {
             return Ok(None);
@@ -244,6 +273,23 @@ impl<R: BufRead> ChunkSource for JsonlSource<R> {
 }
 
 impl<R: BufRead> JsonlSource<R> {
+    /// A bad line: the error, or with `skip_bad` a row of nulls that carries it.
+    fn bad(
+        &self,
+        e: InputError,
+        bytes: &mut Vec<u8>,
+        conversations: &mut Vec<RowInput>,
+        locations: &mut Vec<Location>,
+    ) -> Result<(), InputError> {
+        if !self.skip_bad {
+            return Err(e);
+        }
+        conversations.push(Err(e));
+        locations.push(self.here());
+        bytes.extend_from_slice(b"{}\n");
+        Ok(())
+    }
+
     fn frame(&mut self, bytes: &[u8], locations: &[Location]) -> Result<DataFrame, InputError> {
         let span = match (locations.first(), locations.last()) {
             (Some(Location::Line { line: a, .. }), Some(Location::Line { line: b, .. })) => {
@@ -353,6 +399,7 @@ pub fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message
 
 /// Parquet, a slice of rows at a time.
 pub struct ParquetSource {
+    skip_bad: bool,
     file: File,
     path: String,
     names: ColumnNames,
@@ -375,6 +422,7 @@ impl ParquetSource {
         .num_rows()
         .map_err(|e| InputError::new(path, None, format!("not a readable Parquet file: {e}")))?;
         Ok(Self {
+            skip_bad: false,
             file,
             path: path.to_string(),
             names: names.clone(),
@@ -408,6 +456,11 @@ impl ChunkSource for ParquetSource {
             })
             .collect();
         let conversations = conversations_from_frame(&frame, &self.names, &self.path, &locations)?;
+        if !self.skip_bad {
+            if let Some(Err(e)) = conversations.iter().find(|c| c.is_err()) {
+                return Err(e.clone());
+            }
+        }
         self.offset += len;
         Ok(Some(Chunk {
             frame,
@@ -435,7 +488,7 @@ pub fn conversations_from_frame(
     names: &ColumnNames,
     file: &str,
     locations: &[Location],
-) -> Result<Vec<Vec<Message>>, InputError> {
+) -> Result<Vec<RowInput>, InputError> {
     let col_err = |name: &str, msg: String| InputError::new(file, Some(name), msg);
     if let Ok(col) = frame.column(&names.messages) {
         let list = col.list().map_err(|_| {
@@ -447,8 +500,8 @@ pub fn conversations_from_frame(
                 ),
             )
         })?;
-        return (0..frame.height())
-            .map(|i| {
+        return Ok((0..frame.height())
+            .map(|i| -> RowInput {
                 let series = list
                     .get_as_series(i)
                     .ok_or_else(|| InputError::new(&locations[i], Some(&names.messages), "null"))?;
@@ -458,7 +511,7 @@ pub fn conversations_from_frame(
                     .map_err(|m| InputError::new(&locations[i], Some(&names.messages), m))?;
                 Ok(messages)
             })
-            .collect();
+            .collect());
     }
     let text_col = |name: &str| -> Result<&StringChunked, InputError> {
         let col = frame.column(name).map_err(|_| {
@@ -479,8 +532,8 @@ pub fn conversations_from_frame(
     };
     let prompts = text_col(&names.prompt)?;
     let responses = text_col(&names.response)?;
-    (0..frame.height())
-        .map(|i| {
+    Ok((0..frame.height())
+        .map(|i| -> RowInput {
             let get = |ca: &StringChunked, name: &str| {
                 ca.get(i)
                     .map(str::to_string)
@@ -491,7 +544,7 @@ pub fn conversations_from_frame(
                 Message::new("assistant", &get(responses, &names.response)?),
             ])
         })
-        .collect()
+        .collect())
 }
 
 pub fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Message>> {

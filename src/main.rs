@@ -12,6 +12,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`armorm score ... -o - | head`) is the reader's choice, not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // The output is complete, but some rows have no scores (`--on-error skip`).
+        Err(e) if e.downcast_ref::<cli::score::RowsSkipped>().is_some() => {
+            eprintln!("armorm: {e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("armorm: error: {e:#}");
             ExitCode::from(1)

@@ -90,8 +90,29 @@ pub struct TopK {
     pub attributes: Vec<String>,
 }
 
-/// `top_attributes` (list<string>) and `top_coefficients` (list<float32>) for each row's coefficients.
-pub fn top_columns(coefficients: &[&[f32]], top: &TopK) -> [Column; 2] {
+/// What became of a row: `ok`, `truncated`, `too_long` or `error`, with the reason for the last two.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowStatus {
+    pub status: &'static str,
+    pub error: Option<String>,
+}
+
+impl RowStatus {
+    pub fn ok() -> Self {
+        Self {
+            status: "ok",
+            error: None,
+        }
+    }
+
+    /// Kept in the output without scores.
+    pub fn skipped(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+/// `top_attributes` (list<string>) and `top_coefficients` (list<float32>); null for unscored rows.
+pub fn top_columns(coefficients: &[Option<&[f32]>], top: &TopK) -> [Column; 2] {
     let n = coefficients.len();
     let mut names = ListStringChunkedBuilder::new("top_attributes".into(), n, n * top.k);
     let mut values = ListPrimitiveChunkedBuilder::<Float32Type>::new(
@@ -101,6 +122,11 @@ pub fn top_columns(coefficients: &[&[f32]], top: &TopK) -> [Column; 2] {
         DataType::Float32,
     );
     for c in coefficients {
+        let Some(c) = c else {
+            names.append_null();
+            values.append_null();
+            continue;
+        };
         let idx = crate::explain::top_k(c, top.k);
         names.append_values_iter(
             idx.iter()
@@ -114,10 +140,12 @@ pub fn top_columns(coefficients: &[&[f32]], top: &TopK) -> [Column; 2] {
     ]
 }
 
-/// The input's columns followed by `SCORE_COLUMNS` (and the top-K columns when asked).
+/// The input's columns followed by `SCORE_COLUMNS` (null for rows without scores), then `status` and
+/// `error` when given, then the top-K columns when asked.
 pub fn with_scores(
     frame: &DataFrame,
-    scores: &[RowScore],
+    scores: &[Option<RowScore>],
+    statuses: Option<&[RowStatus]>,
     top: Option<&TopK>,
 ) -> Result<DataFrame, OutputError> {
     if let Some(name) = SCORE_COLUMNS.iter().find(|c| frame.column(c).is_ok()) {
@@ -130,7 +158,7 @@ pub fn with_scores(
     }
     let n = scores.len();
     let list = |name: &str, get: fn(&RowScore) -> &[f32]| -> Column {
-        let width = scores.first().map_or(0, |s| get(s).len());
+        let width = scores.iter().flatten().next().map_or(0, |s| get(s).len());
         let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(
             name.into(),
             n,
@@ -138,14 +166,20 @@ pub fn with_scores(
             DataType::Float32,
         );
         for s in scores {
-            b.append_slice(get(s));
+            match s {
+                Some(s) => b.append_slice(get(s)),
+                None => b.append_null(),
+            }
         }
         b.finish().into_series().into_column()
     };
     let mut columns = vec![
         Column::new(
             "score".into(),
-            scores.iter().map(|s| s.score).collect::<Vec<f32>>(),
+            scores
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.score))
+                .collect::<Vec<_>>(),
         ),
         list("rewards", |s| &s.rewards),
         list("gating", |s| &s.gating),
@@ -154,12 +188,28 @@ pub fn with_scores(
             "num_tokens".into(),
             scores
                 .iter()
-                .map(|s| s.num_tokens as i64)
-                .collect::<Vec<i64>>(),
+                .map(|s| s.as_ref().map(|s| s.num_tokens as i64))
+                .collect::<Vec<_>>(),
         ),
     ];
+    if let Some(statuses) = statuses {
+        columns.push(Column::new(
+            "status".into(),
+            statuses.iter().map(|s| s.status).collect::<Vec<_>>(),
+        ));
+        columns.push(Column::new(
+            "error".into(),
+            statuses
+                .iter()
+                .map(|s| s.error.as_deref())
+                .collect::<Vec<_>>(),
+        ));
+    }
     if let Some(top) = top {
-        let coefficients: Vec<&[f32]> = scores.iter().map(|s| s.coefficients.as_slice()).collect();
+        let coefficients: Vec<Option<&[f32]>> = scores
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.coefficients.as_slice()))
+            .collect();
         columns.extend(top_columns(&coefficients, top));
     }
     Ok(frame.hstack(&columns)?)
@@ -326,7 +376,7 @@ impl Sink for ParquetSink {
     fn finish(mut self: Box<Self>) -> Result<(), OutputError> {
         if self.writer.is_none() {
             // No rows at all: still a valid file, with the score columns.
-            let empty = with_scores(&DataFrame::empty(), &[], None)?;
+            let empty = with_scores(&DataFrame::empty(), &[], None, None)?;
             self.writer(&empty.schema().clone())?;
         }
         if let Some(w) = self.writer.take() {
@@ -367,7 +417,7 @@ mod tests {
             coefficients: vec![1.0, 0.0],
             num_tokens: 3,
         };
-        let out = with_scores(&df, &[s(1.0), s(2.0)], None).unwrap();
+        let out = with_scores(&df, &[Some(s(1.0)), Some(s(2.0))], None, None).unwrap();
         let names: Vec<String> = out
             .get_column_names()
             .iter()
@@ -388,6 +438,12 @@ mod tests {
             out.column("score").unwrap().f32().unwrap().get(1),
             Some(2.0)
         );
-        assert!(with_scores(&out.select(["score"]).unwrap(), &[s(1.0), s(2.0)], None).is_err());
+        assert!(with_scores(
+            &out.select(["score"]).unwrap(),
+            &[Some(s(1.0)), Some(s(2.0))],
+            None,
+            None
+        )
+        .is_err());
     }
 }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::encoder::Encoded;
 use crate::input::{Chunk, ChunkSource, InputError, Location};
-use crate::output::{self, OutputError, Sink, TopK};
+use crate::output::{self, OutputError, RowStatus, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
 use crate::shard::Shard;
 
@@ -45,6 +45,8 @@ pub type Opener = Box<dyn FnOnce() -> Result<Box<dyn ChunkSource + Send>, InputE
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
     pub rows: usize,
+    /// Rows kept without scores (`--on-error skip`).
+    pub skipped: usize,
     pub tokens: usize,
     /// Tokens the model computed, padding included (rows × longest row, per batch).
     pub padded_tokens: usize,
@@ -79,14 +81,16 @@ pub trait Observer {
 struct Encoded_ {
     chunk: Chunk,
     input: String,
-    encoded: Vec<Encoded>,
+    encoded: Vec<Option<Encoded>>,
+    statuses: Vec<RowStatus>,
     fraction: Option<f64>,
 }
 
 struct Scored {
     frame: DataFrame,
     input: String,
-    scores: Vec<RowScore>,
+    scores: Vec<Option<RowScore>>,
+    statuses: Vec<RowStatus>,
     tokens: usize,
     padded: usize,
     fraction: Option<f64>,
@@ -99,6 +103,17 @@ struct Scored {
 pub struct Options {
     pub top: Option<TopK>,
     pub shard: Option<Shard>,
+    /// Keep bad rows (null scores, `status` and `error` columns) instead of stopping at the first.
+    pub skip_bad: bool,
+    /// Drop the oldest prompt tokens of rows over the length limit instead of refusing them.
+    pub truncate_prompt_left: bool,
+}
+
+impl Options {
+    /// Whether the output gets `status` and `error` columns.
+    pub fn status_columns(&self) -> bool {
+        self.skip_bad || self.truncate_prompt_left
+    }
 }
 
 pub fn run(
@@ -108,13 +123,18 @@ pub fn run(
     options: Options,
     observer: &(dyn Observer + Sync),
 ) -> Result<Stats, PipelineError> {
-    let Options { top, shard } = options;
+    let status_columns = options.status_columns();
+    let policy = Policy {
+        skip_bad: options.skip_bad,
+        truncate: options.truncate_prompt_left,
+    };
+    let Options { top, shard, .. } = options;
     let start = Instant::now();
     let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     thread::scope(|s| {
-        let reader = s.spawn(move || read_and_encode(inputs, scorer, shard, enc_tx));
-        let writer = s.spawn(move || write(out_rx, sink, top, start, observer));
+        let reader = s.spawn(move || read_and_encode(inputs, scorer, shard, policy, enc_tx));
+        let writer = s.spawn(move || write(out_rx, sink, top, status_columns, start, observer));
         let scored = score_windows(enc_rx, scorer, out_tx);
         // The first error in pipeline order wins: a reader error explains why the model stopped.
         let read = reader.join().unwrap_or(Ok(()));
@@ -133,6 +153,7 @@ fn read_and_encode(
     inputs: Vec<(String, f64, Opener)>,
     scorer: &Scorer,
     shard: Option<Shard>,
+    policy: Policy,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
     let mut done_share = 0.0;
@@ -171,10 +192,11 @@ fn read_and_encode(
             if chunk.conversations.is_empty() {
                 continue;
             }
-            let item = encode_chunk(chunk, scorer).map(|(chunk, encoded)| Encoded_ {
+            let item = encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| Encoded_ {
                 chunk,
                 input: name.clone(),
                 encoded,
+                statuses,
                 fraction,
             });
             let failed = item.is_err();
@@ -188,26 +210,67 @@ fn read_and_encode(
     Ok(())
 }
 
-/// Tokenizes a window on all worker threads.
-fn encode_chunk(chunk: Chunk, scorer: &Scorer) -> Result<(Chunk, Vec<Encoded>), PipelineError> {
-    let encoded: Vec<Result<Encoded, String>> = chunk
+/// How rows that cannot be scored as they are are handled.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    skip_bad: bool,
+    truncate: bool,
+}
+
+/// Tokenizes a window on all worker threads; under `skip_bad` a row that cannot be scored gets a status,
+/// otherwise the first one stops the run.
+fn encode_chunk(
+    chunk: &Chunk,
+    scorer: &Scorer,
+    policy: Policy,
+) -> Result<(Vec<Option<Encoded>>, Vec<RowStatus>), PipelineError> {
+    let max = scorer.max_length();
+    let rows: Vec<Result<(Encoded, RowStatus), RowStatus>> = chunk
         .conversations
         .par_iter()
-        .map(|m| scorer.encode(m))
+        .map(|row| {
+            let error = |status, e: String| RowStatus { status, error: Some(e) };
+            // A row the reader could not take has null input columns: the error says where it was.
+            let messages = row.as_ref().map_err(|e| error("error", e.to_string()))?;
+            let enc = scorer.encoder().encode(messages).map_err(|e| error("error", e))?;
+            if enc.ids.len() <= max {
+                return Ok((enc, RowStatus::ok()));
+            }
+            let too_long = format!(
+                "the conversation is {} tokens, over --max-length {max}; armorm never truncates silently \
+                 (see --truncate prompt-left)",
+                enc.ids.len()
+            );
+            match policy.truncate.then(|| scorer.encoder().truncate_prompt_left(&enc, max)).flatten() {
+                Some(t) => Ok((t, RowStatus { status: "truncated", error: None })),
+                None => Err(error("too_long", too_long)),
+            }
+        })
         .collect();
-    let mut out = Vec::with_capacity(encoded.len());
-    for (i, e) in encoded.into_iter().enumerate() {
-        match e {
-            Ok(e) => out.push(e),
-            Err(message) => {
-                return Err(PipelineError::Row {
-                    location: chunk.locations[i].clone(),
-                    message,
+    let mut encoded = Vec::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    for (i, row) in rows.into_iter().enumerate() {
+        match row {
+            Ok((e, st)) => {
+                encoded.push(Some(e));
+                statuses.push(st);
+            }
+            Err(st) if policy.skip_bad => {
+                encoded.push(None);
+                statuses.push(st);
+            }
+            Err(st) => {
+                return Err(match &chunk.conversations[i] {
+                    Err(e) => PipelineError::Input(e.clone()),
+                    Ok(_) => PipelineError::Row {
+                        location: chunk.locations[i].clone(),
+                        message: st.error.unwrap_or_default(),
+                    },
                 })
             }
         }
     }
-    Ok((chunk, out))
+    Ok((encoded, statuses))
 }
 
 fn score_windows(
@@ -220,20 +283,30 @@ fn score_windows(
             chunk,
             input,
             encoded,
+            statuses,
             fraction,
         } = item?;
-        let (scores, padded) = scorer.score_encoded(&encoded).map_err(|e| match e {
+        let rows: Vec<usize> = (0..encoded.len())
+            .filter(|&i| encoded[i].is_some())
+            .collect();
+        let present: Vec<Encoded> = encoded.iter().flatten().cloned().collect();
+        let (scored_rows, padded) = scorer.score_encoded(&present).map_err(|e| match e {
             ScoreError::Row { row, message } => PipelineError::Row {
-                location: chunk.locations[row].clone(),
+                location: chunk.locations[rows[row]].clone(),
                 message,
             },
             ScoreError::Model(e) => PipelineError::Model(e),
         })?;
-        let tokens = encoded.iter().map(|e| e.ids.len()).sum();
+        let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
+        for (i, s) in rows.into_iter().zip(scored_rows) {
+            scores[i] = Some(s);
+        }
+        let tokens = present.iter().map(|e| e.ids.len()).sum();
         let scored = Scored {
             frame: chunk.frame,
             input,
             scores,
+            statuses,
             tokens,
             padded,
             fraction,
@@ -254,6 +327,7 @@ fn write(
     rx: Receiver<Option<Scored>>,
     mut sink: Box<dyn Sink + Send>,
     top: Option<TopK>,
+    status_columns: bool,
     start: Instant,
     observer: &(dyn Observer + Sync),
 ) -> Result<Option<Stats>, PipelineError> {
@@ -275,7 +349,9 @@ fn write(
                 message,
             })?,
         };
-        let mut scored = output::with_scores(&frame, &w.scores, top.as_ref())?;
+        let statuses = status_columns.then_some(w.statuses.as_slice());
+        let mut scored = output::with_scores(&frame, &w.scores, statuses, top.as_ref())?;
+        stats.skipped += w.statuses.iter().filter(|s| s.skipped()).count();
         sink.write(&mut scored)?;
         stats.rows += w.scores.len();
         stats.tokens += w.tokens;

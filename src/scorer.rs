@@ -48,6 +48,10 @@ impl Scorer {
         }
     }
 
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }

@@ -185,6 +185,8 @@ fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lis
         window_rows: 4096,
         top_k: None,
         shard: None,
+        skip_bad: false,
+        truncate: false,
         model: &args.model,
         columns: &columns,
         run: &args.run,

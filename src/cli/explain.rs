@@ -95,6 +95,8 @@ fn scored_table(args: &ExplainArgs) -> Result<Table> {
         window_rows: 4096,
         top_k: None,
         shard: None,
+        skip_bad: false,
+        truncate: false,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,

@@ -5,7 +5,7 @@ mod eval;
 mod explain;
 mod filter;
 mod progress;
-mod score;
+pub mod score;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

@@ -62,8 +62,13 @@ impl Observer for Progress {
 
 pub fn summary(s: &Stats) -> String {
     let memory = peak_memory_mib().map_or(String::new(), |m| format!(", peak memory {m} MiB"));
+    let skipped = if s.skipped > 0 {
+        format!(", {} rows skipped", s.skipped)
+    } else {
+        String::new()
+    };
     format!(
-        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%{memory}",
+        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%{memory}{skipped}",
         s.rows,
         s.tokens,
         s.seconds,

@@ -1,7 +1,7 @@
 //! `armorm score`: a dataset in, the same rows with every model output appended out.
 
 use anyhow::{anyhow, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use armorm::input;
 use armorm::output::{self, Target, TopK};
@@ -10,6 +10,23 @@ use armorm::shard::Shard;
 
 use super::progress::Progress;
 use super::{ColumnArgs, Loaded, ModelArgs, RunArgs};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    Fail,
+    Skip,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Truncate {
+    None,
+    PromptLeft,
+}
+
+/// Some rows were kept without scores: the run finished, but not every row is scored (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} rows could not be scored; they are in the output with status and error columns")]
+pub struct RowsSkipped(pub usize);
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -31,6 +48,15 @@ pub struct ScoreArgs {
     /// N for `--shard auto` under a Kubernetes Indexed Job (its completions).
     #[arg(long, value_name = "N")]
     shard_count: Option<usize>,
+    /// fail: the first bad row stops the run (nothing is written). skip: bad rows are kept with null
+    /// scores and `status`/`error` columns, and the exit code is 3.
+    #[arg(long, value_enum, default_value = "fail")]
+    on_error: OnError,
+    /// none: a row over --max-length is an error (status `too_long` under --on-error skip).
+    /// prompt-left: drop its oldest prompt tokens, keeping BOS, the first header and the gating tokens
+    /// (status `truncated`).
+    #[arg(long, value_enum, default_value = "none")]
+    truncate: Truncate,
     /// Also write `top_attributes` and `top_coefficients`: the K objectives of largest |coefficient|.
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
@@ -60,6 +86,8 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         window_rows: args.window_rows as usize,
         top_k: args.top_k,
         shard,
+        skip_bad: args.on_error == OnError::Skip,
+        truncate: args.truncate == Truncate::PromptLeft,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,
@@ -92,6 +120,8 @@ pub struct Job<'a> {
     pub window_rows: usize,
     pub top_k: Option<usize>,
     pub shard: Option<Shard>,
+    pub skip_bad: bool,
+    pub truncate: bool,
     pub model: &'a ModelArgs,
     pub columns: &'a ColumnArgs,
     pub run: &'a RunArgs,
@@ -110,9 +140,14 @@ impl Job<'_> {
         let options = Options {
             top,
             shard: self.shard,
+            skip_bad: self.skip_bad,
+            truncate_prompt_left: self.truncate,
         };
         let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
         progress.finish(&stats);
+        if stats.skipped > 0 {
+            return Err(RowsSkipped(stats.skipped).into());
+        }
         Ok(())
     }
 
@@ -129,7 +164,8 @@ impl Job<'_> {
                     _ => 0.0,
                 };
                 let (p, names, window) = (path.clone(), self.columns.names(), self.window_rows);
-                let open: Opener = Box::new(move || input::open(&p, &names, window));
+                let skip = self.skip_bad;
+                let open: Opener = Box::new(move || input::open(&p, &names, window, skip));
                 (path.clone(), share, open)
             })
             .collect()

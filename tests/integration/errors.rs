@@ -277,3 +277,154 @@ fn broken_model_files_are_named() {
         "{err}"
     );
 }
+
+/// `--on-error skip`: every row stays, in order; bad ones have null scores, a status and an error that
+/// says where and why; the exit code is 3.
+#[test]
+fn skip_keeps_bad_rows_with_status_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mixed.jsonl");
+    let lines = [
+        r#"{"id": "a", "prompt": "Hi", "response": "Hello!"}"#,
+        r#"{"id": "b", "prompt": "Hi""#,
+        r#"[1, 2]"#,
+        r#"{"id": "d", "prompt": 5, "response": "x"}"#,
+        r#"{"id": "e", "messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}"#,
+        r#"{"id": "f", "prompt": "?", "response": "!"}"#,
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+        "--on-error",
+        "skip",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["ok", "error", "error", "error", "error", "ok"]);
+    let errors: Vec<&str> = rows
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or(""))
+        .collect();
+    assert!(errors[1].contains("mixed.jsonl: line 2") && errors[1].contains("malformed JSON"));
+    assert!(
+        errors[2].contains("line 3: expected a JSON object"),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        errors[3].contains("line 4: field `prompt`"),
+        "{}",
+        errors[3]
+    );
+    assert!(errors[4].contains("line 5: field `messages`") && errors[4].contains("robot"));
+    assert!(rows[1]["score"].is_null() && rows[1]["rewards"].is_null());
+    let g = goldens(TINY);
+    assert!((rows[0]["score"].as_f64().unwrap() as f32 - g["short"].score).abs() < 1e-4);
+    assert!((rows[5]["score"].as_f64().unwrap() as f32 - g["single-char"].score).abs() < 1e-4);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 rows could not be scored"));
+}
+
+/// Rows over --max-length are never scored truncated silently: an error, `too_long`, or with
+/// `--truncate prompt-left` the oldest prompt tokens dropped and the status `truncated`.
+#[test]
+fn over_length_rows() {
+    let (input, model) = (fixtures().join("conversations.jsonl"), model_dir(TINY));
+    let (input, model) = (input.to_str().unwrap(), model.to_str().unwrap());
+    let g = goldens(TINY);
+
+    let out = armorm(&[
+        "score",
+        input,
+        "--model",
+        model,
+        "-o",
+        "-",
+        "--max-length",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("conversations.jsonl: line") && err.contains("over --max-length 100"),
+        "{err}"
+    );
+
+    let out = armorm(&[
+        "score",
+        input,
+        "--model",
+        model,
+        "-o",
+        "-",
+        "--max-length",
+        "100",
+        "--on-error",
+        "skip",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    for r in String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    {
+        let want = &g[r["id"].as_str().unwrap()];
+        let status = r["status"].as_str().unwrap();
+        assert_eq!(
+            status,
+            if want.num_tokens > 100 {
+                "too_long"
+            } else {
+                "ok"
+            },
+            "{r}"
+        );
+    }
+
+    // long-prompt (783 tokens, short answer) can lose prompt tokens; long-response (1227) cannot.
+    let out = armorm(&[
+        "score",
+        input,
+        "--model",
+        model,
+        "-o",
+        "-",
+        "--max-length",
+        "100",
+        "--truncate",
+        "prompt-left",
+        "--on-error",
+        "skip",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |id: &str| rows.iter().find(|r| r["id"] == id).unwrap();
+    assert_eq!(row("long-prompt")["status"], "truncated");
+    assert_eq!(row("long-prompt")["num_tokens"], 100);
+    assert!(row("long-prompt")["score"].is_number());
+    assert_eq!(row("long-response")["status"], "too_long");
+    assert_eq!(row("plain")["status"], "ok");
+    assert!((row("plain")["score"].as_f64().unwrap() as f32 - g["plain"].score).abs() < 1e-4);
+}
