@@ -127,12 +127,26 @@ impl ChatTemplate {
 
     /// The text of a complete conversation (no generation prompt), as `apply_chat_template` renders it.
     pub fn render(&self, messages: &[Message]) -> Result<String, TemplateError> {
+        self.render_with(messages, false)
+    }
+
+    /// The conversation before its last message, followed by the generation prompt: the text the
+    /// template writes before the response.
+    pub fn render_prompt(&self, messages: &[Message]) -> Result<String, TemplateError> {
+        self.render_with(&messages[..messages.len().saturating_sub(1)], true)
+    }
+
+    fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat")?;
         Ok(template.render(context! {
             messages => messages,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-            add_generation_prompt => false,
+            add_generation_prompt => add_generation_prompt,
         })?)
     }
 }

@@ -113,7 +113,21 @@ impl Encoder {
                 self.vocab_size
             ));
         }
-        let gate = find_last(&ids, &self.pattern).ok_or_else(|| {
+        // The gate is the last occurrence that the template wrote before the response: the response's
+        // own text may contain the special-token strings (they are tokenized as special tokens, as
+        // transformers does), but it cannot move the gate. Where the prompt's ids are not a prefix of the
+        // conversation's (never seen with Llama-3), the reference rule applies to the whole row.
+        let prompt = self
+            .template
+            .render_prompt(messages)
+            .map_err(|e| e.to_string())?;
+        let prompt_ids = encode_plain(&self.tokenizer, &prompt)?;
+        let search = if ids.starts_with(&prompt_ids) {
+            &ids[..prompt_ids.len()]
+        } else {
+            &ids[..]
+        };
+        let gate = find_last(search, &self.pattern).ok_or_else(|| {
             "no prompt before the response: the gating tokens <|eot_id|><|start_header_id|>assistant... \
              do not occur"
                 .to_string()

@@ -5,6 +5,7 @@ mod commands;
 mod common;
 mod errors;
 mod formats;
+mod fuzz;
 mod parity;
 mod shards;
 mod tokens;
