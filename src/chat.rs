@@ -37,6 +37,13 @@ pub fn check_conversation(messages: &[Message]) -> Result<(), String> {
             m.role
         ));
     }
+    if let Some((i, m)) = messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.role != "system" && m.content.trim().is_empty())
+    {
+        return Err(format!("message {i} ({}) is empty", m.role));
+    }
     if last.role != "assistant" {
         return Err(format!(
             "the last message must be the assistant's response, not {:?}",
@@ -198,5 +205,10 @@ mod tests {
             .unwrap_err()
             .contains("robot"));
         assert!(check_conversation(&[]).is_err());
+        assert!(
+            check_conversation(&[u.clone(), Message::new("assistant", "  ")])
+                .unwrap_err()
+                .contains("empty")
+        );
     }
 }

@@ -354,6 +354,10 @@ pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult
     }
     let text = |name: &str| -> FieldResult<String> {
         match obj.get(name) {
+            Some(Value::String(s)) if s.trim().is_empty() => Err((
+                Some(name.to_string()),
+                "empty (nothing to score)".to_string(),
+            )),
             Some(Value::String(s)) => Ok(s.clone()),
             Some(v) => Err((
                 Some(name.to_string()),
@@ -534,10 +538,14 @@ pub fn conversations_from_frame(
     let responses = text_col(&names.response)?;
     Ok((0..frame.height())
         .map(|i| -> RowInput {
-            let get = |ca: &StringChunked, name: &str| {
-                ca.get(i)
-                    .map(str::to_string)
-                    .ok_or_else(|| InputError::new(&locations[i], Some(name), "null"))
+            let get = |ca: &StringChunked, name: &str| match ca.get(i) {
+                None => Err(InputError::new(&locations[i], Some(name), "null")),
+                Some(t) if t.trim().is_empty() => Err(InputError::new(
+                    &locations[i],
+                    Some(name),
+                    "empty (nothing to score)",
+                )),
+                Some(t) => Ok(t.to_string()),
             };
             Ok(vec![
                 Message::new("user", &get(prompts, &names.prompt)?),

@@ -428,3 +428,115 @@ fn over_length_rows() {
     assert_eq!(row("plain")["status"], "ok");
     assert!((row("plain")["score"].as_f64().unwrap() as f32 - g["plain"].score).abs() < 1e-4);
 }
+
+#[test]
+fn empty_strings_and_non_utf8() {
+    check(
+        &format!("{GOOD}{{\"prompt\": \"  \", \"response\": \"x\"}}\n"),
+        2,
+        Some("prompt"),
+        "empty",
+    );
+    let row =
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}"#;
+    check(&format!("{GOOD}{row}\n"), 2, Some("messages"), "is empty");
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("latin1.jsonl");
+    let mut bytes = GOOD.as_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"prompt\": \"caf\xe9\", \"response\": \"x\"}\n");
+    std::fs::write(&input, bytes).unwrap();
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("latin1.jsonl: line 2: not valid UTF-8"),
+        "{err}"
+    );
+}
+
+/// An empty input is a valid, empty dataset: an output with no rows, so that pipelines compose.
+#[test]
+fn empty_file_gives_an_empty_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let target = dir.path().join("out.parquet");
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scored 0 rows"));
+    let df = polars::prelude::ParquetReader::new(std::fs::File::open(&target).unwrap());
+    use polars::prelude::SerReader;
+    assert_eq!(df.finish().unwrap().height(), 0);
+}
+
+#[test]
+fn unreadable_inputs_and_missing_output_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(TINY);
+    let model = model.to_str().unwrap();
+
+    // A truncated Parquet file.
+    let pq = std::fs::read(fixtures().join("conversations.parquet")).unwrap();
+    let cut = dir.path().join("cut.parquet");
+    std::fs::write(&cut, &pq[..pq.len() / 2]).unwrap();
+    let out = armorm(&["score", cut.to_str().unwrap(), "--model", model, "-o", "-"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cut.parquet") && err.contains("not a readable Parquet file"),
+        "{err}"
+    );
+
+    // A path that cannot be read as a file.
+    let not_file = dir.path().join("folder.jsonl");
+    std::fs::create_dir(&not_file).unwrap();
+    let out = armorm(&[
+        "score",
+        not_file.to_str().unwrap(),
+        "--model",
+        model,
+        "-o",
+        "-",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("folder.jsonl"));
+
+    // An output directory that does not exist.
+    let input = fixtures().join("conversations.jsonl");
+    let target = dir.path().join("no/such/dir/out.parquet");
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model,
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no/such/dir/out.parquet") && err.contains("cannot create the output file"),
+        "{err}"
+    );
+}
