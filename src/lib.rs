@@ -9,6 +9,7 @@ extern crate intel_mkl_src;
 
 pub mod batch;
 pub mod chat;
+pub mod checkpoint;
 pub mod encoder;
 pub mod explain;
 pub mod input;

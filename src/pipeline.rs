@@ -107,6 +107,8 @@ pub struct Options {
     pub skip_bad: bool,
     /// Drop the oldest prompt tokens of rows over the length limit instead of refusing them.
     pub truncate_prompt_left: bool,
+    /// Windows already written by an interrupted run (`--resume`): read again, not scored.
+    pub skip_windows: usize,
 }
 
 impl Options {
@@ -128,12 +130,18 @@ pub fn run(
         skip_bad: options.skip_bad,
         truncate: options.truncate_prompt_left,
     };
-    let Options { top, shard, .. } = options;
+    let Options {
+        top,
+        shard,
+        skip_windows,
+        ..
+    } = options;
     let start = Instant::now();
     let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     thread::scope(|s| {
-        let reader = s.spawn(move || read_and_encode(inputs, scorer, shard, policy, enc_tx));
+        let reader =
+            s.spawn(move || read_and_encode(inputs, scorer, shard, policy, skip_windows, enc_tx));
         let writer = s.spawn(move || write(out_rx, sink, top, status_columns, start, observer));
         let scored = score_windows(enc_rx, scorer, out_tx);
         // The first error in pipeline order wins: a reader error explains why the model stopped.
@@ -154,8 +162,10 @@ fn read_and_encode(
     scorer: &Scorer,
     shard: Option<Shard>,
     policy: Policy,
+    skip_windows: usize,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
+    let mut window = 0usize;
     let mut done_share = 0.0;
     // Rows counted from 0 across all inputs: the key of the shard assignment.
     let mut next_row = 0usize;
@@ -190,6 +200,10 @@ fn read_and_encode(
                 None => chunk,
             };
             if chunk.conversations.is_empty() {
+                continue;
+            }
+            window += 1;
+            if window <= skip_windows {
                 continue;
             }
             let item = encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| Encoded_ {

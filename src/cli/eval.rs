@@ -187,6 +187,7 @@ fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lis
         shard: None,
         skip_bad: false,
         truncate: false,
+        resume: false,
         model: &args.model,
         columns: &columns,
         run: &args.run,

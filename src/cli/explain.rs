@@ -97,6 +97,7 @@ fn scored_table(args: &ExplainArgs) -> Result<Table> {
         shard: None,
         skip_bad: false,
         truncate: false,
+        resume: false,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,

@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 
+use armorm::checkpoint::{input_fingerprint, Checkpoint};
 use armorm::input;
 use armorm::output::{self, Target, TopK};
 use armorm::pipeline::{self, Opener, Options};
@@ -57,6 +58,10 @@ pub struct ScoreArgs {
     /// (status `truncated`).
     #[arg(long, value_enum, default_value = "none")]
     truncate: Truncate,
+    /// Continue an interrupted run of the same command: the windows it completed are kept, the rest
+    /// scored. Refused when the inputs or the settings differ.
+    #[arg(long)]
+    resume: bool,
     /// Also write `top_attributes` and `top_coefficients`: the K objectives of largest |coefficient|.
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
@@ -88,6 +93,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         shard,
         skip_bad: args.on_error == OnError::Skip,
         truncate: args.truncate == Truncate::PromptLeft,
+        resume: args.resume,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,
@@ -122,6 +128,7 @@ pub struct Job<'a> {
     pub shard: Option<Shard>,
     pub skip_bad: bool,
     pub truncate: bool,
+    pub resume: bool,
     pub model: &'a ModelArgs,
     pub columns: &'a ColumnArgs,
     pub run: &'a RunArgs,
@@ -131,7 +138,28 @@ impl Job<'_> {
     pub fn score_into(&self, target: &Target) -> Result<()> {
         self.run.apply_threads();
         let loaded = self.model.load()?;
-        let sink = output::open(target, metadata(&loaded))?;
+        // Files go through a checkpoint (parts beside the target, joined at the end) so that a killed
+        // run can be resumed; stdout streams directly.
+        let (sink, skip_windows): (Box<dyn output::Sink + Send>, usize) = match &target.path {
+            Some(_) => {
+                let (c, done) = Checkpoint::open(
+                    target,
+                    &self.fingerprint(&loaded),
+                    self.resume,
+                    metadata(&loaded),
+                )?;
+                if done > 0 && !self.run.quiet {
+                    eprintln!("armorm: resuming after {done} complete windows");
+                }
+                (Box::new(c), done)
+            }
+            None if self.resume => {
+                return Err(anyhow!(
+                    "--resume needs an output file (-o FILE), not stdout"
+                ))
+            }
+            None => (output::open(target, metadata(&loaded))?, 0),
+        };
         let progress = Progress::new(self.run.quiet, total_size(self.inputs));
         let top = self.top_k.map(|k| TopK {
             k,
@@ -142,6 +170,7 @@ impl Job<'_> {
             shard: self.shard,
             skip_bad: self.skip_bad,
             truncate_prompt_left: self.truncate,
+            skip_windows,
         };
         let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
         progress.finish(&stats);
@@ -149,6 +178,26 @@ impl Job<'_> {
             return Err(RowsSkipped(stats.skipped).into());
         }
         Ok(())
+    }
+
+    /// Everything that decides which rows go into which window and how they are scored: a resumed run
+    /// must match the interrupted one on all of it.
+    fn fingerprint(&self, loaded: &Loaded) -> serde_json::Value {
+        serde_json::json!({
+            "armorm": env!("CARGO_PKG_VERSION"),
+            "model": loaded.files.name,
+            "revision": loaded.files.revision,
+            "dtype": format!("{:?}", loaded.dtype),
+            "inputs": self.inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
+            "columns": [&self.columns.prompt_column, &self.columns.response_column, &self.columns.messages_column],
+            "window_rows": self.window_rows,
+            "max_batch_tokens": self.model.max_batch_tokens,
+            "max_length": loaded.scorer.max_length(),
+            "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
+            "top_k": self.top_k,
+            "skip_bad": self.skip_bad,
+            "truncate": self.truncate,
+        })
     }
 
     /// Each input's opener, with its share of the total size for progress.

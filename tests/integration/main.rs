@@ -7,5 +7,6 @@ mod errors;
 mod formats;
 mod fuzz;
 mod parity;
+mod resume;
 mod shards;
 mod tokens;
