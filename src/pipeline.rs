@@ -8,7 +8,10 @@
 //! reader + tokenizers ──(encoded window)──▶ model ──(scored window)──▶ writer
 //! ```
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
@@ -47,6 +50,8 @@ pub struct Stats {
     pub rows: usize,
     /// Rows kept without scores (`--on-error skip`).
     pub skipped: usize,
+    /// How far into the inputs the last written window was, when known.
+    pub fraction: Option<f64>,
     pub tokens: usize,
     /// Tokens the model computed, padding included (rows × longest row, per batch).
     pub padded_tokens: usize,
@@ -79,6 +84,8 @@ pub trait Observer {
 }
 
 struct Encoded_ {
+    /// The window's place in the output.
+    seq: usize,
     chunk: Chunk,
     input: String,
     encoded: Vec<Option<Encoded>>,
@@ -87,6 +94,7 @@ struct Encoded_ {
 }
 
 struct Scored {
+    seq: usize,
     frame: DataFrame,
     input: String,
     scores: Vec<Option<RowScore>>,
@@ -139,11 +147,44 @@ pub fn run(
     let start = Instant::now();
     let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
+    let stop = AtomicBool::new(false);
     thread::scope(|s| {
         let reader =
             s.spawn(move || read_and_encode(inputs, scorer, shard, policy, skip_windows, enc_tx));
-        let writer = s.spawn(move || write(out_rx, sink, top, status_columns, start, observer));
-        let scored = score_windows(enc_rx, scorer, out_tx);
+        let writer = s.spawn(move || {
+            write(
+                out_rx,
+                sink,
+                top,
+                status_columns,
+                skip_windows + 1,
+                start,
+                observer,
+            )
+        });
+        // One scoring thread per model (`--device cuda:0,cuda:1`), all fed from the same queue.
+        let enc_rx = Arc::new(Mutex::new(enc_rx));
+        let stop = &stop;
+        let workers: Vec<_> = (0..scorer.models())
+            .map(|m| {
+                let (tx, rx) = (out_tx.clone(), Arc::clone(&enc_rx));
+                s.spawn(move || score_windows(&rx, scorer, m, tx, stop))
+            })
+            .collect();
+        let mut scored = Ok(());
+        for w in workers {
+            let r = w.join().unwrap_or(Ok(()));
+            if scored.is_ok() {
+                scored = r;
+            }
+        }
+        // Only now may the writer finish the output: after any error it is dropped, unfinished.
+        if scored.is_ok() {
+            let _ = out_tx.send(None);
+        }
+        drop(out_tx);
+        // The reader may wait on a full queue that nobody reads any more.
+        drop(enc_rx);
         // The first error in pipeline order wins: a reader error explains why the model stopped.
         let read = reader.join().unwrap_or(Ok(()));
         let written = writer.join().unwrap_or(Ok(None));
@@ -207,6 +248,7 @@ fn read_and_encode(
                 continue;
             }
             let item = encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| Encoded_ {
+                seq: window,
                 chunk,
                 input: name.clone(),
                 encoded,
@@ -288,74 +330,136 @@ fn encode_chunk(
 }
 
 fn score_windows(
-    rx: Receiver<Result<Encoded_, PipelineError>>,
+    rx: &Mutex<Receiver<Result<Encoded_, PipelineError>>>,
     scorer: &Scorer,
+    model: usize,
     tx: SyncSender<Option<Scored>>,
+    stop: &AtomicBool,
 ) -> Result<(), PipelineError> {
-    for item in rx {
-        let Encoded_ {
-            chunk,
-            input,
-            encoded,
-            statuses,
-            fraction,
-        } = item?;
-        let rows: Vec<usize> = (0..encoded.len())
-            .filter(|&i| encoded[i].is_some())
-            .collect();
-        let present: Vec<Encoded> = encoded.iter().flatten().cloned().collect();
-        let (scored_rows, padded) = scorer.score_encoded(&present).map_err(|e| match e {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // The lock is held only while taking the next window, not while scoring it.
+        let next = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return Ok(()),
+        };
+        let Ok(item) = next else {
+            return Ok(());
+        };
+        let result = score_window(item, scorer, model);
+        match result {
+            Ok(scored) => {
+                if tx.send(Some(scored)).is_err() {
+                    // The writer stopped on an error, which it returns.
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn score_window(
+    item: Result<Encoded_, PipelineError>,
+    scorer: &Scorer,
+    model: usize,
+) -> Result<Scored, PipelineError> {
+    let Encoded_ {
+        seq,
+        chunk,
+        input,
+        encoded,
+        statuses,
+        fraction,
+    } = item?;
+    let rows: Vec<usize> = (0..encoded.len())
+        .filter(|&i| encoded[i].is_some())
+        .collect();
+    let present: Vec<Encoded> = encoded.iter().flatten().cloned().collect();
+    let (scored_rows, padded) = scorer
+        .score_encoded_on(model, &present)
+        .map_err(|e| match e {
             ScoreError::Row { row, message } => PipelineError::Row {
                 location: chunk.locations[rows[row]].clone(),
                 message,
             },
             ScoreError::Model(e) => PipelineError::Model(e),
         })?;
-        let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
-        for (i, s) in rows.into_iter().zip(scored_rows) {
-            scores[i] = Some(s);
-        }
-        let tokens = present.iter().map(|e| e.ids.len()).sum();
-        let scored = Scored {
-            frame: chunk.frame,
-            input,
-            scores,
-            statuses,
-            tokens,
-            padded,
-            fraction,
-        };
-        if tx.send(Some(scored)).is_err() {
-            // The writer stopped on an error, which it returns.
-            return Ok(());
-        }
+    let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
+    for (i, s) in rows.into_iter().zip(scored_rows) {
+        scores[i] = Some(s);
     }
-    // Only now may the writer finish the output: on any error above it is dropped, unfinished.
-    let _ = tx.send(None);
-    Ok(())
+    let tokens = present.iter().map(|e| e.ids.len()).sum();
+    Ok(Scored {
+        seq,
+        frame: chunk.frame,
+        input,
+        scores,
+        statuses,
+        tokens,
+        padded,
+        fraction,
+    })
 }
 
-/// Writes windows until the end marker, then finishes the sink; returns `None` (leaving the output
-/// unfinished, so that it is deleted) when the stages before it stopped without one.
+/// Writes windows in order until the end marker, then finishes the sink; returns `None` (leaving the
+/// output unfinished, so that it is deleted) when the stages before it stopped without one.
+#[allow(clippy::too_many_arguments)]
 fn write(
     rx: Receiver<Option<Scored>>,
     mut sink: Box<dyn Sink + Send>,
     top: Option<TopK>,
     status_columns: bool,
+    first_seq: usize,
     start: Instant,
     observer: &(dyn Observer + Sync),
 ) -> Result<Option<Stats>, PipelineError> {
-    let mut schema: Option<Schema> = None;
-    let mut stats = Stats::default();
-    let mut ended = false;
+    let mut writer = WindowWriter {
+        schema: None,
+        stats: Stats::default(),
+        top,
+        status_columns,
+    };
+    // Several models finish windows out of order: each waits here until its turn.
+    let mut pending: BTreeMap<usize, Scored> = BTreeMap::new();
+    let mut next = first_seq;
     for w in rx {
         let Some(w) = w else {
-            ended = true;
-            break;
+            if !pending.is_empty() {
+                return Ok(None);
+            }
+            sink.finish()?;
+            writer.stats.seconds = start.elapsed().as_secs_f64();
+            return Ok(Some(writer.stats));
         };
-        let frame = match &schema {
+        pending.insert(w.seq, w);
+        while let Some(w) = pending.remove(&next) {
+            next += 1;
+            writer.write(w, sink.as_mut())?;
+            writer.stats.seconds = start.elapsed().as_secs_f64();
+            observer.written(&writer.stats, writer.stats.fraction);
+        }
+    }
+    Ok(None)
+}
+
+struct WindowWriter {
+    schema: Option<Schema>,
+    stats: Stats,
+    top: Option<TopK>,
+    status_columns: bool,
+}
+
+impl WindowWriter {
+    fn write(&mut self, w: Scored, sink: &mut (dyn Sink + Send)) -> Result<(), PipelineError> {
+        let frame = match &self.schema {
             None => {
-                schema = Some(w.frame.schema().as_ref().clone());
+                self.schema = Some(w.frame.schema().as_ref().clone());
                 w.frame
             }
             Some(s) => output::conform(w.frame, s).map_err(|message| PipelineError::Schema {
@@ -363,20 +467,14 @@ fn write(
                 message,
             })?,
         };
-        let statuses = status_columns.then_some(w.statuses.as_slice());
-        let mut scored = output::with_scores(&frame, &w.scores, statuses, top.as_ref())?;
-        stats.skipped += w.statuses.iter().filter(|s| s.skipped()).count();
+        let statuses = self.status_columns.then_some(w.statuses.as_slice());
+        let mut scored = output::with_scores(&frame, &w.scores, statuses, self.top.as_ref())?;
         sink.write(&mut scored)?;
-        stats.rows += w.scores.len();
-        stats.tokens += w.tokens;
-        stats.padded_tokens += w.padded;
-        stats.seconds = start.elapsed().as_secs_f64();
-        observer.written(&stats, w.fraction);
+        self.stats.skipped += w.statuses.iter().filter(|s| s.skipped()).count();
+        self.stats.rows += w.scores.len();
+        self.stats.tokens += w.tokens;
+        self.stats.padded_tokens += w.padded;
+        self.stats.fraction = w.fraction;
+        Ok(())
     }
-    if !ended {
-        return Ok(None);
-    }
-    sink.finish()?;
-    stats.seconds = start.elapsed().as_secs_f64();
-    Ok(Some(stats))
 }

@@ -27,25 +27,32 @@ pub enum ScoreError {
 }
 
 pub struct Scorer {
-    model: ArmoRM,
+    /// One copy of the model per device; windows are shared among them.
+    models: Vec<ArmoRM>,
     encoder: Encoder,
     max_batch_tokens: usize,
     max_length: usize,
 }
 
 impl Scorer {
+    /// `models`: one or more copies of the model (one per device); at least one.
     pub fn new(
-        model: ArmoRM,
+        models: Vec<ArmoRM>,
         encoder: Encoder,
         max_batch_tokens: usize,
         max_length: usize,
     ) -> Self {
         Self {
-            model,
+            models,
             encoder,
             max_batch_tokens: max_batch_tokens.max(1),
             max_length,
         }
+    }
+
+    /// How many model copies (devices) score in parallel.
+    pub fn models(&self) -> usize {
+        self.models.len()
     }
 
     pub fn max_length(&self) -> usize {
@@ -84,6 +91,16 @@ impl Scorer {
     /// Scores a window of encoded rows in length-sorted batches; returns the scores in the window's
     /// order and the padded tokens computed.
     pub fn score_encoded(&self, encoded: &[Encoded]) -> Result<(Vec<RowScore>, usize), ScoreError> {
+        self.score_encoded_on(0, encoded)
+    }
+
+    /// The same on model copy `model`.
+    pub fn score_encoded_on(
+        &self,
+        model: usize,
+        encoded: &[Encoded],
+    ) -> Result<(Vec<RowScore>, usize), ScoreError> {
+        let model = &self.models[model.min(self.models.len() - 1)];
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
         let mut padded = 0;
@@ -93,7 +110,7 @@ impl Scorer {
                 flat.push(&encoded[i].ids, encoded[i].gate);
             }
             padded += flat.padded_tokens();
-            let scored = unpack(&self.model.forward(&flat)?, &flat.lens())?;
+            let scored = unpack(&model.forward(&flat)?, &flat.lens())?;
             // Back to window order: the reorder step after length sorting.
             for (i, s) in rows.into_iter().zip(scored) {
                 out[i] = Some(s);

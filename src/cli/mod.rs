@@ -60,7 +60,8 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     revision: Option<String>,
-    /// cpu, cuda, cuda:N or metal [default: the first CUDA device if there is one, else cpu]
+    /// cpu, cuda, cuda:N or metal, or a list (cuda:0,cuda:1) for one model per device
+    /// [default: the first CUDA device if there is one, else cpu]
     #[arg(long)]
     device: Option<String>,
     /// Compute dtype of the backbone: auto is bf16 on GPU and f32 on CPU.
@@ -85,12 +86,26 @@ pub struct Loaded {
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
         let files = loader::resolve(&self.model, self.revision.as_deref())?;
-        let device = loader::device(self.device.as_deref())?;
-        let dtype = loader::dtype(&self.dtype, &device)?;
-        let (model, config, encoder) = loader::load(&files, &device, dtype)
-            .with_context(|| format!("loading model {}", files.name))?;
+        // `cuda:0,cuda:1`: one model per device, all fed from the same queue of windows.
+        let devices = match self.device.as_deref() {
+            Some(list) => list
+                .split(',')
+                .map(|d| loader::device(Some(d.trim())))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => vec![loader::device(None)?],
+        };
+        let dtype = loader::dtype(&self.dtype, &devices[0])?;
+        let mut models = Vec::with_capacity(devices.len());
+        let mut loaded = None;
+        for device in &devices {
+            let (model, config, encoder) = loader::load(&files, device, dtype)
+                .with_context(|| format!("loading model {}", files.name))?;
+            models.push(model);
+            loaded.get_or_insert((config, encoder));
+        }
+        let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
         let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
-        let scorer = Scorer::new(model, encoder, self.max_batch_tokens as usize, max_length);
+        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length);
         Ok(Loaded {
             scorer,
             config,

@@ -131,9 +131,10 @@ pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
         model.to_str().unwrap(),
         "-o",
         "-",
-        "--device",
-        "cpu",
     ];
+    if !extra.contains(&"--device") {
+        args.extend(["--device", "cpu"]);
+    }
     args.extend_from_slice(extra);
     let out = armorm(&args);
     assert!(

@@ -103,3 +103,20 @@ fn small_windows_change_nothing() {
         assert_close(b, a, 1e-5);
     }
 }
+
+/// `--device cpu,cpu`: two model copies score windows concurrently; the output keeps input order.
+#[test]
+fn several_devices_keep_input_order() {
+    let input = fixtures().join("conversations.jsonl");
+    let one = score_jsonl(&input, TINY, &["--window-rows", "3", "-q"]);
+    let two = score_jsonl(
+        &input,
+        TINY,
+        &["--window-rows", "3", "--device", "cpu,cpu", "-q"],
+    );
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a.id, b.id);
+        assert_close(b, a, 1e-5);
+    }
+}
