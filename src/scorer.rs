@@ -1,5 +1,7 @@
 //! Scores conversations: encode, bucket by length, run the model, and return rows in input order.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use candle_core::Tensor;
 
 use crate::batch;
@@ -30,8 +32,13 @@ pub struct Scorer {
     /// One copy of the model per device; windows are shared among them.
     models: Vec<ArmoRM>,
     encoder: Encoder,
-    max_batch_tokens: usize,
     max_length: usize,
+    /// The token budget in force: `max_batch_tokens`, lowered after an out-of-memory error.
+    budget: AtomicUsize,
+    oom_logged: AtomicBool,
+    /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches of several rows above
+    /// this many padded tokens fail as if the GPU were out of memory.
+    simulate_oom_above: Option<usize>,
 }
 
 impl Scorer {
@@ -45,8 +52,12 @@ impl Scorer {
         Self {
             models,
             encoder,
-            max_batch_tokens: max_batch_tokens.max(1),
             max_length,
+            budget: AtomicUsize::new(max_batch_tokens.max(1)),
+            oom_logged: AtomicBool::new(false),
+            simulate_oom_above: std::env::var("ARMORM_SIMULATE_OOM_ABOVE_TOKENS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -104,20 +115,69 @@ impl Scorer {
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
         let mut padded = 0;
-        for rows in batch::plan(&lens, self.max_batch_tokens) {
-            let mut flat = FlatBatch::new();
-            for &i in &rows {
-                flat.push(&encoded[i].ids, encoded[i].gate);
-            }
-            padded += flat.padded_tokens();
-            let scored = unpack(&model.forward(&flat)?, &flat.lens())?;
-            // Back to window order: the reorder step after length sorting.
-            for (i, s) in rows.into_iter().zip(scored) {
-                out[i] = Some(s);
-            }
+        for rows in batch::plan(&lens, self.budget.load(Ordering::Relaxed)) {
+            padded += self.score_rows(model, encoded, &rows, &mut out)?;
         }
         Ok((out.into_iter().flatten().collect(), padded))
     }
+
+    /// One batch; on an out-of-memory error it is split in two and retried, and the budget lowered for
+    /// the batches after it. Returns the padded tokens computed.
+    fn score_rows(
+        &self,
+        model: &ArmoRM,
+        encoded: &[Encoded],
+        rows: &[usize],
+        out: &mut [Option<RowScore>],
+    ) -> Result<usize, ScoreError> {
+        let mut flat = FlatBatch::new();
+        for &i in rows {
+            flat.push(&encoded[i].ids, encoded[i].gate);
+        }
+        let tokens = flat.padded_tokens();
+        match self.forward(model, &flat) {
+            Ok(head) => {
+                // Back to window order: the reorder step after length sorting.
+                for (&i, s) in rows.iter().zip(unpack(&head, &flat.lens())?) {
+                    out[i] = Some(s);
+                }
+                Ok(tokens)
+            }
+            Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
+                let lowered = (tokens / 2).max(1);
+                self.budget.fetch_min(lowered, Ordering::Relaxed);
+                if !self.oom_logged.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "armorm: out of memory on a batch of {tokens} padded tokens; splitting it and \
+                         lowering --max-batch-tokens to {lowered}"
+                    );
+                }
+                let (a, b) = rows.split_at(rows.len() / 2);
+                Ok(self.score_rows(model, encoded, a, out)?
+                    + self.score_rows(model, encoded, b, out)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn forward(&self, model: &ArmoRM, flat: &FlatBatch) -> candle_core::Result<HeadOutput> {
+        if flat.rows() > 1
+            && self
+                .simulate_oom_above
+                .is_some_and(|limit| flat.padded_tokens() > limit)
+        {
+            return Err(candle_core::Error::Msg(
+                "simulated CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
+            ));
+        }
+        model.forward(flat)
+    }
+}
+
+/// candle passes the CUDA driver's error through as text.
+fn is_out_of_memory(e: &candle_core::Error) -> bool {
+    let text = e.to_string();
+    text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
 }
 
 fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {

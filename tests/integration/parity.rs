@@ -120,3 +120,34 @@ fn several_devices_keep_input_order() {
         assert_close(b, a, 1e-5);
     }
 }
+
+/// Out of memory (simulated for batches over 300 padded tokens): batches are split and retried, the
+/// budget lowered, logged once; the results are unchanged.
+#[test]
+fn out_of_memory_splits_batches() {
+    let (input, model) = (fixtures().join("conversations.jsonl"), model_dir(TINY));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_armorm"))
+        .args([
+            "score",
+            input.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            "-",
+            "-q",
+        ])
+        .env("ARMORM_SIMULATE_OOM_ABOVE_TOKENS", "300")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("out of memory").count(), 1, "{err}");
+    let g = goldens(TINY);
+    for r in parse_jsonl(&String::from_utf8(out.stdout).unwrap()) {
+        assert_close(&r, &golden_as_scored(&r.id, &g[&r.id]), 1e-4);
+    }
+}
