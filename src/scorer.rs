@@ -1,5 +1,6 @@
 //! Scores conversations: encode, bucket by length, run the model, and return rows in input order.
 
+use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::Tensor;
@@ -31,6 +32,9 @@ pub enum ScoreError {
 pub struct Scorer {
     /// One copy of the model per device; windows are shared among them.
     models: Vec<ArmoRM>,
+    /// Batches of one window scored at once on one model, each on its own thread (CPU: see
+    /// `with_lanes`).
+    lanes: usize,
     encoder: Encoder,
     max_length: usize,
     /// The token budget in force: `max_batch_tokens`, lowered after an out-of-memory error.
@@ -51,6 +55,7 @@ impl Scorer {
     ) -> Self {
         Self {
             models,
+            lanes: 1,
             encoder,
             max_length,
             budget: AtomicUsize::new(max_batch_tokens.max(1)),
@@ -59,6 +64,16 @@ impl Scorer {
                 .ok()
                 .and_then(|v| v.parse().ok()),
         }
+    }
+
+    /// Scores `lanes` batches of a window at once, each on its own thread, and splits the token budget
+    /// among them so that activations take no more memory than one batch at the full budget. On a CPU
+    /// whose matmuls run single-threaded this beats one batch at a time with threaded matmuls: no
+    /// synchronization inside every GEMM, and the elementwise work runs in parallel too
+    /// (scripts/perf-notes.md, note 7).
+    pub fn with_lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self
     }
 
     /// How many model copies (devices) score in parallel.
@@ -113,12 +128,64 @@ impl Scorer {
     ) -> Result<(Vec<RowScore>, usize), ScoreError> {
         let model = &self.models[model.min(self.models.len() - 1)];
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+        let lanes = self.lanes.min(encoded.len()).max(1);
+        let budget = (self.budget.load(Ordering::Relaxed) / lanes).max(1);
+        let mut batches = batch::plan(&lens, budget);
+        // Longest work first, so that the lanes run out of work at about the same time.
+        batches.sort_by_key(|rows| {
+            Reverse(rows.len() * rows.iter().map(|&i| lens[i]).max().unwrap_or(0))
+        });
+        let next = AtomicUsize::new(0);
+        let lane = || self.lane(model, encoded, &batches, &next);
+        let results: Vec<Lane> = std::thread::scope(|s| {
+            let others: Vec<_> = (1..lanes).map(|_| s.spawn(lane)).collect();
+            let mut results = vec![lane()];
+            for handle in others {
+                results.push(
+                    handle
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                );
+            }
+            results
+        });
         let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
         let mut padded = 0;
-        for rows in batch::plan(&lens, self.budget.load(Ordering::Relaxed)) {
-            padded += self.score_rows(model, encoded, &rows, &mut out)?;
+        for result in results {
+            let (scored, tokens) = result?;
+            padded += tokens;
+            // Back to window order: the reorder step after length sorting.
+            for (i, s) in scored {
+                out[i] = Some(s);
+            }
         }
         Ok((out.into_iter().flatten().collect(), padded))
+    }
+
+    /// Takes batches from the shared queue until it is empty; on an error, empties it for the other
+    /// lanes too.
+    fn lane(
+        &self,
+        model: &ArmoRM,
+        encoded: &[Encoded],
+        batches: &[Vec<usize>],
+        next: &AtomicUsize,
+    ) -> Lane {
+        let mut scored = Vec::new();
+        let mut padded = 0;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(rows) = batches.get(i) else {
+                return Ok((scored, padded));
+            };
+            match self.score_rows(model, encoded, rows, &mut scored) {
+                Ok(tokens) => padded += tokens,
+                Err(e) => {
+                    next.store(batches.len(), Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// One batch; on an out-of-memory error it is split in two and retried, and the budget lowered for
@@ -128,7 +195,7 @@ impl Scorer {
         model: &ArmoRM,
         encoded: &[Encoded],
         rows: &[usize],
-        out: &mut [Option<RowScore>],
+        out: &mut Vec<(usize, RowScore)>,
     ) -> Result<usize, ScoreError> {
         let mut flat = FlatBatch::new();
         for &i in rows {
@@ -137,10 +204,7 @@ impl Scorer {
         let tokens = flat.padded_tokens();
         match self.forward(model, &flat) {
             Ok(head) => {
-                // Back to window order: the reorder step after length sorting.
-                for (&i, s) in rows.iter().zip(unpack(&head, &flat.lens())?) {
-                    out[i] = Some(s);
-                }
+                out.extend(rows.iter().copied().zip(unpack(&head, &flat.lens())?));
                 Ok(tokens)
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
@@ -173,6 +237,9 @@ impl Scorer {
         model.forward(flat)
     }
 }
+
+/// What one lane scored: (row in the window, its scores), and the padded tokens computed.
+type Lane = Result<(Vec<(usize, RowScore)>, usize), ScoreError>;
 
 /// candle passes the CUDA driver's error through as text.
 fn is_out_of_memory(e: &candle_core::Error) -> bool {

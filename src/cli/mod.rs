@@ -84,20 +84,25 @@ pub struct Loaded {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<Loaded> {
-        let files = loader::resolve(&self.model, self.revision.as_deref())?;
+    /// The devices named by `--device` (or the default one), before anything is loaded on them.
+    pub fn devices(&self) -> Result<Vec<candle_core::Device>> {
         // `cuda:0,cuda:1`: one model per device, all fed from the same queue of windows.
-        let devices = match self.device.as_deref() {
+        Ok(match self.device.as_deref() {
             Some(list) => list
                 .split(',')
                 .map(|d| loader::device(Some(d.trim())))
                 .collect::<Result<Vec<_>, _>>()?,
             None => vec![loader::device(None)?],
-        };
+        })
+    }
+
+    /// One model per device; `lanes` batches at once on each (see `Scorer::with_lanes`).
+    pub fn load(&self, devices: &[candle_core::Device], lanes: usize) -> Result<Loaded> {
+        let files = loader::resolve(&self.model, self.revision.as_deref())?;
         let dtype = loader::dtype(&self.dtype, &devices[0])?;
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
-        for device in &devices {
+        for device in devices {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
             models.push(model);
@@ -105,7 +110,8 @@ impl ModelArgs {
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
         let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
-        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length);
+        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
+            .with_lanes(lanes);
         Ok(Loaded {
             scorer,
             config,
@@ -121,6 +127,10 @@ pub struct RunArgs {
     /// CPU threads for the model and tokenization [default: all cores]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
+    /// On CPU: batches scored at once, the threads shared among them; 1 runs one batch at a time
+    /// with multi-threaded matmuls [default: --threads, one thread per batch]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    lanes: Option<u64>,
     /// No progress bar and no summary line on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -139,14 +149,31 @@ pub fn keep_freed_memory() {
 }
 
 impl RunArgs {
-    /// Before any worker thread exists: candle's matmuls and rayon read these at their first use.
-    pub fn apply_threads(&self) {
+    /// Before any worker thread exists, since candle's matmuls, MKL and rayon read these settings at
+    /// their first use. On CPU the threads are split into lanes (batches scored at once), each
+    /// running its matmuls on its share of the threads; returns the number of lanes.
+    pub fn apply_threads(&self, cpu: bool) -> usize {
         keep_freed_memory();
-        if let Some(n) = self.threads {
-            for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
-                std::env::set_var(var, n.to_string());
-            }
+        let threads = match self.threads {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let lanes = match (cpu, self.lanes) {
+            (false, _) => 1,
+            (true, Some(n)) => (n as usize).min(threads),
+            (true, None) => threads,
+        };
+        let per_lane = (threads / lanes).max(1).to_string();
+        for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
+            std::env::set_var(var, &per_lane);
         }
+        // Tokenization and candle's row-wise ops (softmax, norms) use the whole machine, whatever
+        // RAYON_NUM_THREADS says to candle's matmul. An error means the pool already exists (a
+        // second job in one process): it keeps its size.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+        lanes
     }
 }
 

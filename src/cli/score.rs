@@ -136,8 +136,9 @@ pub struct Job<'a> {
 
 impl Job<'_> {
     pub fn score_into(&self, target: &Target) -> Result<()> {
-        self.run.apply_threads();
-        let loaded = self.model.load()?;
+        let devices = self.model.devices()?;
+        let lanes = self.run.apply_threads(devices.iter().all(|d| d.is_cpu()));
+        let loaded = self.model.load(&devices, lanes)?;
         // Files go through a checkpoint (parts beside the target, joined at the end) so that a killed
         // run can be resumed; stdout streams directly.
         let (sink, skip_windows): (Box<dyn output::Sink + Send>, usize) = match &target.path {

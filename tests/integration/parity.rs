@@ -38,12 +38,24 @@ fn batching_does_not_change_results() {
             model,
             &["--dtype", "f32", "--max-batch-tokens", "1"],
         );
-        for budget in ["40", "300", "2500", "1000000"] {
-            let batched = score_jsonl(
-                &input,
-                model,
-                &["--dtype", "f32", "--max-batch-tokens", budget],
-            );
+        // Lanes (batches scored at once on CPU) split the budget among themselves.
+        let runs: [&[&str]; 6] = [
+            &["--max-batch-tokens", "40"],
+            &["--max-batch-tokens", "300"],
+            &["--max-batch-tokens", "2500"],
+            &["--max-batch-tokens", "1000000"],
+            &[
+                "--max-batch-tokens",
+                "300",
+                "--threads",
+                "3",
+                "--lanes",
+                "3",
+            ],
+            &["--lanes", "1"],
+        ];
+        for run in runs {
+            let batched = score_jsonl(&input, model, &[&["--dtype", "f32"], run].concat());
             assert_eq!(alone.len(), batched.len());
             for (a, b) in alone.iter().zip(&batched) {
                 assert_eq!(a.id, b.id, "output order must be input order");
