@@ -129,6 +129,7 @@ impl Scorer {
         let model = &self.models[model.min(self.models.len() - 1)];
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let lanes = self.lanes.min(encoded.len()).max(1);
+        // Each lane's batches get a share of the budget, so activations stay within one full batch.
         let budget = (self.budget.load(Ordering::Relaxed) / lanes).max(1);
         let mut batches = batch::plan(&lens, budget);
         // Longest work first, so that the lanes run out of work at about the same time.
@@ -137,6 +138,8 @@ impl Scorer {
         });
         let next = AtomicUsize::new(0);
         let lane = || self.lane(model, encoded, &batches, &next);
+        // No thread for a lane that would find the queue empty.
+        let lanes = lanes.min(batches.len()).max(1);
         let results: Vec<Lane> = std::thread::scope(|s| {
             let others: Vec<_> = (1..lanes).map(|_| s.spawn(lane)).collect();
             let mut results = vec![lane()];
