@@ -18,10 +18,29 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
         Err(e) => {
-            eprintln!("armorm: error: {e:#}");
+            eprintln!("armorm: error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, each stated once: many errors already spell out their source
+/// in their own text (`#[error("{path}: {0}")]`), which anyhow's `{:#}` would print again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if text.contains(&line) {
+            line = text;
+            continue;
+        }
+        line.push_str(": ");
+        line.push_str(&text);
+    }
+    line
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -168,7 +168,7 @@ pub fn run(
         let workers: Vec<_> = (0..scorer.models())
             .map(|m| {
                 let (tx, rx) = (out_tx.clone(), Arc::clone(&enc_rx));
-                s.spawn(move || score_windows(&rx, scorer, m, tx, stop))
+                s.spawn(move || score_windows(&rx, scorer, m, tx, stop, policy.skip_bad))
             })
             .collect();
         let mut scored = Ok(());
@@ -335,6 +335,7 @@ fn score_windows(
     model: usize,
     tx: SyncSender<Option<Scored>>,
     stop: &AtomicBool,
+    skip_bad: bool,
 ) -> Result<(), PipelineError> {
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -348,7 +349,7 @@ fn score_windows(
         let Ok(item) = next else {
             return Ok(());
         };
-        let result = score_window(item, scorer, model);
+        let result = score_window(item, scorer, model, skip_bad);
         match result {
             Ok(scored) => {
                 if tx.send(Some(scored)).is_err() {
@@ -364,10 +365,13 @@ fn score_windows(
     }
 }
 
+/// Scores one window; a row the model could not score (out of memory alone, not finite) stops the run,
+/// or under `skip_bad` gets its status.
 fn score_window(
     item: Result<Encoded_, PipelineError>,
     scorer: &Scorer,
     model: usize,
+    skip_bad: bool,
 ) -> Result<Scored, PipelineError> {
     let Encoded_ {
         seq,
@@ -377,6 +381,7 @@ fn score_window(
         statuses,
         fraction,
     } = item?;
+    let mut statuses = statuses;
     let rows: Vec<usize> = (0..encoded.len())
         .filter(|&i| encoded[i].is_some())
         .collect();
@@ -391,8 +396,22 @@ fn score_window(
             ScoreError::Model(e) => PipelineError::Model(e),
         })?;
     let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
-    for (i, s) in rows.into_iter().zip(scored_rows) {
-        scores[i] = Some(s);
+    for (i, result) in rows.into_iter().zip(scored_rows) {
+        match result {
+            Ok(s) => scores[i] = Some(s),
+            Err(failure) if skip_bad => {
+                statuses[i] = RowStatus {
+                    status: failure.status(),
+                    error: Some(failure.to_string()),
+                }
+            }
+            Err(failure) => {
+                return Err(PipelineError::Row {
+                    location: chunk.locations[i].clone(),
+                    message: failure.to_string(),
+                })
+            }
+        }
     }
     let tokens = present.iter().map(|e| e.ids.len()).sum();
     Ok(Scored {

@@ -20,6 +20,30 @@ pub struct RowScore {
     pub num_tokens: usize,
 }
 
+/// Why one row has no scores although the model ran: the rest of its window is unaffected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RowFailure {
+    /// The row alone does not fit in the device's memory.
+    #[error("out of memory scoring this row alone ({tokens} tokens): {message}")]
+    OutOfMemory { tokens: usize, message: String },
+    /// A broken or overflowing checkpoint: a number that is not a number must never be written as `ok`.
+    #[error("the model's {field} is not finite (NaN or infinite) for this row")]
+    NonFinite { field: &'static str },
+}
+
+impl RowFailure {
+    /// The row's `status` under `--on-error skip`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            RowFailure::OutOfMemory { .. } => "oom",
+            RowFailure::NonFinite { .. } => "non_finite",
+        }
+    }
+}
+
+/// A row's outputs, or why it has none.
+pub type RowResult = Result<RowScore, RowFailure>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
     /// A row that cannot be scored; `row` indexes the slice given to `score`.
@@ -40,8 +64,8 @@ pub struct Scorer {
     /// The token budget in force: `max_batch_tokens`, lowered after an out-of-memory error.
     budget: AtomicUsize,
     oom_logged: AtomicBool,
-    /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches of several rows above
-    /// this many padded tokens fail as if the GPU were out of memory.
+    /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches (single rows included)
+    /// above this many padded tokens fail as if the GPU were out of memory.
     simulate_oom_above: Option<usize>,
 }
 
@@ -111,12 +135,25 @@ impl Scorer {
                     .map_err(|message| ScoreError::Row { row, message })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.score_encoded(&encoded)?.0)
+        self.score_encoded(&encoded)?
+            .0
+            .into_iter()
+            .enumerate()
+            .map(|(row, r)| {
+                r.map_err(|e| ScoreError::Row {
+                    row,
+                    message: e.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// Scores a window of encoded rows in length-sorted batches; returns the scores in the window's
     /// order and the padded tokens computed.
-    pub fn score_encoded(&self, encoded: &[Encoded]) -> Result<(Vec<RowScore>, usize), ScoreError> {
+    pub fn score_encoded(
+        &self,
+        encoded: &[Encoded],
+    ) -> Result<(Vec<RowResult>, usize), ScoreError> {
         self.score_encoded_on(0, encoded)
     }
 
@@ -125,7 +162,7 @@ impl Scorer {
         &self,
         model: usize,
         encoded: &[Encoded],
-    ) -> Result<(Vec<RowScore>, usize), ScoreError> {
+    ) -> Result<(Vec<RowResult>, usize), ScoreError> {
         let model = &self.models[model.min(self.models.len() - 1)];
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let lanes = self.lanes.min(encoded.len()).max(1);
@@ -152,7 +189,7 @@ impl Scorer {
             }
             results
         });
-        let mut out: Vec<Option<RowScore>> = vec![None; encoded.len()];
+        let mut out: Vec<Option<RowResult>> = vec![None; encoded.len()];
         let mut padded = 0;
         for result in results {
             let (scored, tokens) = result?;
@@ -198,7 +235,7 @@ impl Scorer {
         model: &ArmoRM,
         encoded: &[Encoded],
         rows: &[usize],
-        out: &mut Vec<(usize, RowScore)>,
+        out: &mut Vec<(usize, RowResult)>,
     ) -> Result<usize, ScoreError> {
         let mut flat = FlatBatch::new();
         for &i in rows {
@@ -223,15 +260,23 @@ impl Scorer {
                 Ok(self.score_rows(model, encoded, a, out)?
                     + self.score_rows(model, encoded, b, out)?)
             }
+            // Nothing left to split: this row alone is too large for the device.
+            Err(e) if is_out_of_memory(&e) => {
+                let failure = RowFailure::OutOfMemory {
+                    tokens,
+                    message: e.to_string(),
+                };
+                out.push((rows[0], Err(failure)));
+                Ok(0)
+            }
             Err(e) => Err(e.into()),
         }
     }
 
     fn forward(&self, model: &ArmoRM, flat: &FlatBatch) -> candle_core::Result<HeadOutput> {
-        if flat.rows() > 1
-            && self
-                .simulate_oom_above
-                .is_some_and(|limit| flat.padded_tokens() > limit)
+        if self
+            .simulate_oom_above
+            .is_some_and(|limit| flat.padded_tokens() > limit)
         {
             return Err(candle_core::Error::Msg(
                 "simulated CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
@@ -241,8 +286,8 @@ impl Scorer {
     }
 }
 
-/// What one lane scored: (row in the window, its scores), and the padded tokens computed.
-type Lane = Result<(Vec<(usize, RowScore)>, usize), ScoreError>;
+/// What one lane scored: (row in the window, its outputs), and the padded tokens computed.
+type Lane = Result<(Vec<(usize, RowResult)>, usize), ScoreError>;
 
 /// candle passes the CUDA driver's error through as text.
 fn is_out_of_memory(e: &candle_core::Error) -> bool {
@@ -250,7 +295,7 @@ fn is_out_of_memory(e: &candle_core::Error) -> bool {
     text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
 }
 
-fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {
+fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowResult>> {
     let rows = |t: &Tensor| t.to_vec2::<f32>();
     let (rewards, gating, coefficients) = (
         rows(&out.rewards)?,
@@ -265,13 +310,32 @@ fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>
         .zip(coefficients)
         .zip(lens)
         .map(
-            |((((score, rewards), gating), coefficients), &num_tokens)| RowScore {
-                score,
-                rewards,
-                gating,
-                coefficients,
-                num_tokens,
+            |((((score, rewards), gating), coefficients), &num_tokens)| {
+                finite(RowScore {
+                    score,
+                    rewards,
+                    gating,
+                    coefficients,
+                    num_tokens,
+                })
             },
         )
         .collect())
+}
+
+/// The row's outputs if every one is a finite number.
+fn finite(row: RowScore) -> RowResult {
+    let fields: [(&'static str, &[f32]); 4] = [
+        ("score", std::slice::from_ref(&row.score)),
+        ("rewards", &row.rewards),
+        ("gating", &row.gating),
+        ("coefficients", &row.coefficients),
+    ];
+    match fields
+        .iter()
+        .find(|(_, v)| v.iter().any(|x| !x.is_finite()))
+    {
+        Some((field, _)) => Err(RowFailure::NonFinite { field }),
+        None => Ok(row),
+    }
 }

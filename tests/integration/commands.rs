@@ -316,6 +316,58 @@ fn eval_accuracy_subsets_and_tie() {
     );
 }
 
+/// RewardBench's arithmetic on a file whose per-subset accuracies do not depend on the model: a pair
+/// and its swap give 0.5 (the two margins are opposite), identical answers tie and give 0.
+#[test]
+fn eval_rewardbench_sections_follow_upstream_constants() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, model) = (
+        fixtures().join("rewardbench-arithmetic.jsonl"),
+        model_dir(TINY),
+    );
+    let summary = dir.path().join("summary.json");
+    let out = armorm(&[
+        "eval",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        dir.path().join("rows.jsonl").to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+        "-q",
+    ]);
+    ok(&out);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let acc = |name: &str| s["subsets"][name]["accuracy"].as_f64().unwrap();
+    for (name, want) in [
+        ("refusals-dangerous", 0.5),
+        ("xstest-should-refuse", 0.5),
+        ("xstest-should-respond", 0.0),
+        ("anthropic_helpful", 0.5),
+        ("anthropic_harmless", 0.0),
+        ("shp", 0.0),
+    ] {
+        assert_eq!(acc(name), want, "{name}");
+    }
+    // rewardbench/constants.py: refusals-dangerous 100, xstest-should-refuse 154, -respond 250.
+    let safety = 100.0 * (0.5 * 100.0 + 0.5 * 154.0 + 0.0 * 250.0) / 504.0;
+    let rb = &s["rewardbench"];
+    assert!(
+        (rb["sections"]["Safety"].as_f64().unwrap() - safety).abs() < 1e-9,
+        "{rb}"
+    );
+    // The leaderboard's prior sets: anthropic_helpful, anthropic_hhh, shp, summarize (those present);
+    // anthropic_harmless is not among them.
+    let prior = 100.0 * (0.5 + 0.0) / 2.0;
+    assert!(
+        (rb["prior_sets"].as_f64().unwrap() - prior).abs() < 1e-9,
+        "{rb}"
+    );
+    let score = (2.0 * safety + prior) / 3.0;
+    assert!((rb["score"].as_f64().unwrap() - score).abs() < 1e-9, "{rb}");
+}
+
 #[test]
 fn filter_by_sql_attribute_and_top_fraction() {
     let dir = tempfile::tempdir().unwrap();

@@ -145,12 +145,20 @@ pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
     parse_jsonl(&String::from_utf8(out.stdout).unwrap())
 }
 
+/// The largest |a - b|; NaN when any difference is NaN, so that `d <= tol` fails on it (`f32::max`
+/// would skip a NaN and report the other differences).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, |m: f32, d| {
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 /// Every output of `got` within `tol` of `want`, row by row; the message names the row and field.

@@ -540,3 +540,49 @@ fn unreadable_inputs_and_missing_output_directory() {
         "{err}"
     );
 }
+
+/// The error line of `stderr`, checked to state each cause once: no segment of it (between ": ")
+/// longer than a few characters may appear twice.
+fn assert_each_cause_once(stderr: &str) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("armorm: error: "))
+        .unwrap_or_else(|| panic!("no error line in: {stderr}"));
+    for segment in line.split(": ").filter(|s| s.len() >= 8) {
+        assert_eq!(
+            line.matches(segment).count(),
+            1,
+            "{segment:?} is repeated in: {line}"
+        );
+    }
+}
+
+#[test]
+fn each_cause_is_stated_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(TINY);
+    let model = model.to_str().unwrap();
+
+    let (err, _) = fail_jsonl("{\"prompt\": \"Hi\", \"response\": \n");
+    assert_each_cause_once(&err);
+    assert!(err.contains("bad.jsonl: line 1"), "{err}");
+
+    let input = fixtures().join("conversations.jsonl");
+    let target = dir.path().join("no/such/dir/out.parquet");
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model,
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert_each_cause_once(&String::from_utf8_lossy(&out.stderr));
+
+    let missing = dir.path().join("missing.jsonl");
+    let out = armorm(&["score", missing.to_str().unwrap(), "--model", model]);
+    assert_each_cause_once(&String::from_utf8_lossy(&out.stderr));
+
+    let err = broken_model(|d| edit_config(d, |c| drop(c.remove("hidden_size"))));
+    assert_each_cause_once(&err);
+}

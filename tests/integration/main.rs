@@ -6,6 +6,8 @@ mod common;
 mod errors;
 mod formats;
 mod fuzz;
+mod memory;
+mod non_finite;
 mod parity;
 mod resume;
 mod shards;
