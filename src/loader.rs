@@ -173,9 +173,7 @@ pub fn read_config(dir: &Path) -> Result<ArmoRMConfig, LoadError> {
         message,
     };
     let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-    let cfg: ArmoRMConfig = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    cfg.validate().map_err(err)?;
-    Ok(cfg)
+    ArmoRMConfig::from_json(&text).map_err(err)
 }
 
 /// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`; `None` picks the first CUDA device when there is one.
