@@ -301,3 +301,27 @@ pub fn load(
     let model = ArmoRM::load(vb, &cfg).map_err(weights_err)?;
     Ok((model, cfg, encoder))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_found_by_ref_or_by_commit_and_never_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+        std::fs::create_dir_all(repo.join("refs").join("pr")).unwrap();
+        // huggingface_hub writes the commit without a newline; an editor may add one.
+        std::fs::write(repo.join("refs").join("main"), format!("{commit}\n")).unwrap();
+        std::fs::write(repo.join("refs").join("pr").join("1"), commit).unwrap();
+        let want = Some(repo.join("snapshots").join(commit));
+        assert_eq!(cached_snapshot(repo, "main"), want);
+        assert_eq!(cached_snapshot(repo, "pr/1"), want);
+        assert_eq!(cached_snapshot(repo, commit), want);
+        assert_eq!(cached_snapshot(repo, "v2"), None);
+        assert_eq!(cached_snapshot(repo, "../snapshots"), None);
+        assert_eq!(cached_snapshot(repo, ""), None);
+    }
+}
