@@ -106,7 +106,7 @@ impl ModelArgs {
         // Before the weights are read, which takes a while for the real model.
         let config = loader::read_config(&files.dir)
             .with_context(|| format!("loading model {}", files.name))?;
-        let max_length = self.max_length(&config)?;
+        let max_length = self.max_length(&config, &files.dir.join("config.json"))?;
         let dtype = loader::dtype(&self.dtype, &devices[0])?;
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
@@ -128,14 +128,15 @@ impl ModelArgs {
     }
 
     /// `--max-length`, refused above `max_position_embeddings` unless the user said so explicitly.
-    fn max_length(&self, config: &ArmoRMConfig) -> Result<usize> {
+    fn max_length(&self, config: &ArmoRMConfig, path: &std::path::Path) -> Result<usize> {
         let max_positions = config.max_position_embeddings;
         match self.max_length {
             None => Ok(max_positions),
             Some(n) if n > max_positions && !self.allow_beyond_max_positions => anyhow::bail!(
                 "--max-length {n} is above the model's max_position_embeddings ({max_positions}, \
-                 config.json): scores at positions it was not trained for cannot be trusted; pass \
-                 --allow-beyond-max-positions to score such rows anyway"
+                 {}): scores at positions it was not trained for cannot be trusted; pass \
+                 --allow-beyond-max-positions to score such rows anyway",
+                path.display()
             ),
             Some(n) => Ok(n),
         }
