@@ -77,6 +77,12 @@ impl Encoder {
         if pattern.is_empty() {
             return Err(EncoderError::NoPattern);
         }
+        check_pattern(&tokenizer, &pattern, vocab_size).map_err(|reason| {
+            EncoderError::Tokenizer {
+                path: String::new(),
+                message: format!("cannot produce the gating tokens {GATING_TEXT:?}: {reason}"),
+            }
+        })?;
         Ok(Self {
             tokenizer,
             template,
@@ -133,6 +139,38 @@ impl Encoder {
                 .to_string()
         })?;
         Ok(Encoded { ids, gate })
+    }
+}
+
+/// The special tokens of the gating text, the first of which is the gate.
+const GATING_SPECIALS: [&str; 3] = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"];
+
+/// Each special token of the gating text must be one token of the vocabulary, as in Llama-3's, and the
+/// gate one with an embedding. Otherwise the text is cut into ordinary pieces: the gate would fall on a
+/// piece of `<|eot_id|>` in some rows and in no place at all in others, which is the tokenizer's fault,
+/// not the rows'.
+fn check_pattern(tokenizer: &Tokenizer, pattern: &[u32], vocab_size: usize) -> Result<(), String> {
+    for special in GATING_SPECIALS {
+        let id = tokenizer
+            .token_to_id(special)
+            .ok_or_else(|| format!("{special} is not a token of its vocabulary"))?;
+        if encode_plain(tokenizer, special)? != [id] {
+            return Err(format!(
+                "{special} is not encoded as its own token (id {id}): is it missing from added_tokens?"
+            ));
+        }
+    }
+    let eot = tokenizer.token_to_id(GATING_SPECIALS[0]);
+    if pattern.first().copied() != eot {
+        return Err(format!(
+            "they encode to {pattern:?}, which does not start with <|eot_id|>"
+        ));
+    }
+    match pattern.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(format!(
+            "their id {id} has no embedding (vocab_size {vocab_size})"
+        )),
+        None => Ok(()),
     }
 }
 

@@ -73,6 +73,10 @@ pub struct ModelArgs {
     /// Longest conversation accepted, in tokens [default: the model's max_position_embeddings].
     #[arg(long)]
     max_length: Option<usize>,
+    /// Accept a --max-length above the model's max_position_embeddings: positions the model was not
+    /// trained for, whose scores are not to be trusted.
+    #[arg(long)]
+    allow_beyond_max_positions: bool,
 }
 
 /// A loaded scorer and what output metadata needs to say about it.
@@ -99,6 +103,10 @@ impl ModelArgs {
     /// One model per device; `lanes` batches at once on each (see `Scorer::with_lanes`).
     pub fn load(&self, devices: &[candle_core::Device], lanes: usize) -> Result<Loaded> {
         let files = loader::resolve(&self.model, self.revision.as_deref())?;
+        // Before the weights are read, which takes a while for the real model.
+        let config = loader::read_config(&files.dir)
+            .with_context(|| format!("loading model {}", files.name))?;
+        let max_length = self.max_length(&config, &files.dir.join("config.json"))?;
         let dtype = loader::dtype(&self.dtype, &devices[0])?;
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
@@ -109,7 +117,6 @@ impl ModelArgs {
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
-        let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
         let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
             .with_lanes(lanes);
         Ok(Loaded {
@@ -118,6 +125,21 @@ impl ModelArgs {
             files,
             dtype,
         })
+    }
+
+    /// `--max-length`, refused above `max_position_embeddings` unless the user said so explicitly.
+    fn max_length(&self, config: &ArmoRMConfig, path: &std::path::Path) -> Result<usize> {
+        let max_positions = config.max_position_embeddings;
+        match self.max_length {
+            None => Ok(max_positions),
+            Some(n) if n > max_positions && !self.allow_beyond_max_positions => anyhow::bail!(
+                "--max-length {n} is above the model's max_position_embeddings ({max_positions}, \
+                 {}): scores at positions it was not trained for cannot be trusted; pass \
+                 --allow-beyond-max-positions to score such rows anyway",
+                path.display()
+            ),
+            Some(n) => Ok(n),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod errors;
 mod formats;
 mod fuzz;
 mod memory;
+mod model_config;
 mod non_finite;
 mod parity;
 mod resume;
