@@ -6,6 +6,7 @@ mod common;
 mod errors;
 mod formats;
 mod fuzz;
+mod output_safety;
 mod parity;
 mod resume;
 mod shards;
