@@ -314,6 +314,26 @@ fn a_live_lock_refuses_and_a_stale_one_is_taken_over() {
     assert!(!lock.exists(), "the lock is released on exit");
 }
 
+/// A temporary output left by a run killed while joining (SIGKILL, a second Ctrl-C) is removed by the
+/// next run of the same target, which holds the lock.
+#[test]
+fn a_dead_runs_temporary_output_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (
+        fixtures().join("conversations.jsonl"),
+        dir.path().join("out.parquet"),
+    );
+    let stale = dir.path().join(".out.parquet.Xa81Qz.partial");
+    let other = dir.path().join(".other.parquet.Xa81Qz.partial");
+    std::fs::write(&stale, b"half a file").unwrap();
+    std::fs::write(&other, b"another target's").unwrap();
+    let out = score(&input, &output, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!stale.exists());
+    assert!(other.exists(), "only this target's leftovers are removed");
+    assert!(leftovers(&output).is_empty(), "{:?}", leftovers(&output));
+}
+
 /// Rows read from stdin cannot be compared with an interrupted run's.
 #[test]
 fn resume_from_stdin_is_refused() {
