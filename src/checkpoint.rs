@@ -318,7 +318,13 @@ impl Lock {
                     // Stale: its process is gone.
                     let _ = fs::remove_file(&path);
                 }
-                Err(e) => return Err(path_err(&path, format!("cannot create the lock file: {e}"))),
+                // Typically a folder that does not exist: the output cannot be created either.
+                Err(e) => {
+                    return Err(path_err(
+                        target,
+                        format!("cannot create the output file: {e}"),
+                    ))
+                }
             }
         }
         Err(path_err(&path, "cannot take the lock file"))
