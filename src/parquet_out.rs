@@ -120,3 +120,50 @@ fn classic_type(dtype: &ArrowDataType) -> ArrowDataType {
         other => other.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_large_and_view_types_become_plain() {
+        let field = |name: &str, dtype| ArrowField::new(name.into(), dtype, true);
+        let messages = ArrowDataType::LargeList(Box::new(field(
+            "item",
+            ArrowDataType::Struct(vec![
+                field("role", ArrowDataType::Utf8View),
+                field("content", ArrowDataType::LargeUtf8),
+            ]),
+        )));
+        let want = ArrowDataType::List(Box::new(field(
+            "item",
+            ArrowDataType::Struct(vec![
+                field("role", ArrowDataType::Utf8),
+                field("content", ArrowDataType::Utf8),
+            ]),
+        )));
+        assert_eq!(classic_type(&messages), want);
+        assert_eq!(
+            classic_type(&ArrowDataType::LargeBinary),
+            ArrowDataType::Binary
+        );
+        assert_eq!(
+            classic_type(&ArrowDataType::Float32),
+            ArrowDataType::Float32
+        );
+    }
+
+    #[test]
+    fn a_written_frame_reads_back_equal() {
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("id".into(), ["a", "b", "c"]),
+            Column::new("score".into(), [Some(1.5f32), None, Some(-2.0)]),
+        ])
+        .unwrap();
+        let bytes = to_bytes(&mut df).unwrap();
+        let back = ParquetReader::new(std::io::Cursor::new(bytes))
+            .finish()
+            .unwrap();
+        assert!(back.equals_missing(&df));
+    }
+}

@@ -428,7 +428,7 @@ fn score_window(
 }
 
 /// Writes windows in order until the end marker, then finishes the sink; returns `None` (leaving the
-/// output unfinished, so that it is deleted) when the stages before it stopped without one.
+/// output unfinished: nothing appears at the target) when the stages before it stopped without one.
 fn write(
     writer: &mut WindowWriter,
     rx: Receiver<Option<Scored>>,
