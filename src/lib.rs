@@ -17,10 +17,12 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod pairwise;
+pub mod parquet_out;
 pub mod pipeline;
 pub mod scorer;
 pub mod select;
 pub mod shard;
+pub mod signal;
 pub mod table;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.

@@ -19,7 +19,11 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("armorm: error: {}", one_line(&e));
-            ExitCode::from(1)
+            // SIGINT / SIGTERM stopped the run: 130 / 143, as if the signal had ended it.
+            match armorm::signal::received() {
+                Some(signal) => ExitCode::from(signal.exit_code()),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 use tempfile::NamedTempFile;
 
+use crate::parquet_out::ClassicWriter;
 use crate::scorer::RowScore;
 
 /// The columns armorm adds, in order.
@@ -341,7 +342,7 @@ impl Sink for JsonlSink {
 struct ParquetSink {
     tmp: NamedTempFile,
     file: Option<File>,
-    writer: Option<polars::io::parquet::write::BatchedWriter<File>>,
+    writer: Option<ClassicWriter<BufWriter<File>>>,
     target: PathBuf,
     metadata: Vec<(String, String)>,
 }
@@ -350,11 +351,9 @@ impl ParquetSink {
     fn writer(
         &mut self,
         schema: &Schema,
-    ) -> Result<&mut polars::io::parquet::write::BatchedWriter<File>, OutputError> {
+    ) -> Result<&mut ClassicWriter<BufWriter<File>>, OutputError> {
         if let Some(file) = self.file.take() {
-            let writer = ParquetWriter::new(file)
-                .with_key_value_metadata(Some(KeyValueMetadata::from_static(self.metadata.clone())))
-                .batched(schema)?;
+            let writer = ClassicWriter::new(BufWriter::new(file), schema, &self.metadata)?;
             self.writer = Some(writer);
         }
         // The file becomes the writer on the first call: exactly one of the two is set.
@@ -369,7 +368,7 @@ impl Sink for ParquetSink {
     fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError> {
         let schema = frame.schema().clone();
         // One row group per chunk: rows become readable as soon as their chunk is scored.
-        self.writer(&schema)?.write_batch(frame)?;
+        self.writer(&schema)?.write(frame)?;
         Ok(())
     }
 
@@ -380,7 +379,9 @@ impl Sink for ParquetSink {
             self.writer(&empty.schema().clone())?;
         }
         if let Some(w) = self.writer.take() {
-            w.finish()?;
+            w.finish()?
+                .into_inner()
+                .map_err(|e| OutputError::Io(e.into_error()))?;
         }
         publish(self.tmp, &self.target)
     }

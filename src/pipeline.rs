@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Instant;
 
@@ -23,6 +23,7 @@ use crate::input::{Chunk, ChunkSource, InputError, Location};
 use crate::output::{self, OutputError, RowStatus, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
 use crate::shard::Shard;
+use crate::signal::{self, Interrupted};
 
 /// Windows in flight between two stages; two keep every stage busy while bounding memory.
 const QUEUE: usize = 2;
@@ -39,6 +40,9 @@ pub enum PipelineError {
     Schema { input: String, message: String },
     #[error("writing the output: {0}")]
     Output(#[from] OutputError),
+    /// SIGINT or SIGTERM: the run stopped at a window boundary.
+    #[error("{0}")]
+    Interrupted(Interrupted),
 }
 
 /// An input to open when the reader reaches it.
@@ -148,19 +152,22 @@ pub fn run(
     let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     let stop = AtomicBool::new(false);
+    // The input's columns, known from its first window even when no row of it is kept (a shard).
+    let input_schema = OnceLock::new();
     thread::scope(|s| {
-        let reader =
-            s.spawn(move || read_and_encode(inputs, scorer, shard, policy, skip_windows, enc_tx));
+        let schema = &input_schema;
+        let reader = s.spawn(move || {
+            read_and_encode(inputs, scorer, shard, policy, skip_windows, schema, enc_tx)
+        });
         let writer = s.spawn(move || {
-            write(
-                out_rx,
-                sink,
+            let mut writer = WindowWriter {
+                schema: None,
+                input_schema: schema,
+                stats: Stats::default(),
                 top,
                 status_columns,
-                skip_windows + 1,
-                start,
-                observer,
-            )
+            };
+            write(&mut writer, out_rx, sink, skip_windows + 1, start, observer)
         });
         // One scoring thread per model (`--device cuda:0,cuda:1`), all fed from the same queue.
         let enc_rx = Arc::new(Mutex::new(enc_rx));
@@ -204,6 +211,7 @@ fn read_and_encode(
     shard: Option<Shard>,
     policy: Policy,
     skip_windows: usize,
+    input_schema: &OnceLock<Schema>,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
     let mut window = 0usize;
@@ -219,6 +227,10 @@ fn read_and_encode(
             }
         };
         loop {
+            if let Err(e) = signal::check() {
+                let _ = tx.send(Err(PipelineError::Interrupted(e)));
+                return Ok(());
+            }
             let chunk = match source.next_chunk() {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
@@ -240,6 +252,9 @@ fn read_and_encode(
                 },
                 None => chunk,
             };
+            if input_schema.get().is_none() {
+                let _ = input_schema.set(chunk.frame.schema().as_ref().clone());
+            }
             if chunk.conversations.is_empty() {
                 continue;
             }
@@ -341,6 +356,11 @@ fn score_windows(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+        // Between windows: the one just scored is on its way to the writer, which commits it.
+        if let Err(e) = signal::check() {
+            stop.store(true, Ordering::Relaxed);
+            return Err(PipelineError::Interrupted(e));
+        }
         // The lock is held only while taking the next window, not while scoring it.
         let next = match rx.lock() {
             Ok(rx) => rx.recv(),
@@ -427,23 +447,15 @@ fn score_window(
 }
 
 /// Writes windows in order until the end marker, then finishes the sink; returns `None` (leaving the
-/// output unfinished, so that it is deleted) when the stages before it stopped without one.
-#[allow(clippy::too_many_arguments)]
+/// output unfinished: nothing appears at the target) when the stages before it stopped without one.
 fn write(
+    writer: &mut WindowWriter,
     rx: Receiver<Option<Scored>>,
     mut sink: Box<dyn Sink + Send>,
-    top: Option<TopK>,
-    status_columns: bool,
     first_seq: usize,
     start: Instant,
     observer: &(dyn Observer + Sync),
 ) -> Result<Option<Stats>, PipelineError> {
-    let mut writer = WindowWriter {
-        schema: None,
-        stats: Stats::default(),
-        top,
-        status_columns,
-    };
     // Several models finish windows out of order: each waits here until its turn.
     let mut pending: BTreeMap<usize, Scored> = BTreeMap::new();
     let mut next = first_seq;
@@ -451,6 +463,10 @@ fn write(
         let Some(w) = w else {
             if !pending.is_empty() {
                 return Ok(None);
+            }
+            // Not a row anywhere (a shard of a short input): the output still gets every column.
+            if first_seq == 1 && writer.schema.is_none() {
+                writer.write_empty(sink.as_mut())?;
             }
             sink.finish()?;
             writer.stats.seconds = start.elapsed().as_secs_f64();
@@ -467,14 +483,27 @@ fn write(
     Ok(None)
 }
 
-struct WindowWriter {
+struct WindowWriter<'a> {
     schema: Option<Schema>,
+    input_schema: &'a OnceLock<Schema>,
     stats: Stats,
     top: Option<TopK>,
     status_columns: bool,
 }
 
-impl WindowWriter {
+impl WindowWriter<'_> {
+    /// No rows, with the columns that rows would have had.
+    fn write_empty(&mut self, sink: &mut (dyn Sink + Send)) -> Result<(), PipelineError> {
+        let Some(schema) = self.input_schema.get() else {
+            return Ok(());
+        };
+        let frame = DataFrame::empty_with_schema(schema);
+        let statuses = self.status_columns.then_some(&[][..]);
+        let mut scored = output::with_scores(&frame, &[], statuses, self.top.as_ref())?;
+        sink.write(&mut scored)?;
+        Ok(())
+    }
+
     fn write(&mut self, w: Scored, sink: &mut (dyn Sink + Send)) -> Result<(), PipelineError> {
         let frame = match &self.schema {
             None => {

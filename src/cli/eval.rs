@@ -188,6 +188,7 @@ fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lis
         skip_bad: false,
         truncate: false,
         resume: false,
+        overwrite: false,
         model: &args.model,
         columns: &columns,
         run: &args.run,

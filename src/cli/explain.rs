@@ -98,6 +98,7 @@ fn scored_table(args: &ExplainArgs) -> Result<Table> {
         skip_bad: false,
         truncate: false,
         resume: false,
+        overwrite: false,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,

@@ -3,10 +3,10 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 
-use armorm::checkpoint::{input_fingerprint, Checkpoint};
+use armorm::checkpoint::{self, input_fingerprint, Checkpoint, Earlier};
 use armorm::input;
 use armorm::output::{self, Target, TopK};
-use armorm::pipeline::{self, Opener, Options};
+use armorm::pipeline::{self, Opener, Options, PipelineError};
 use armorm::shard::Shard;
 
 use super::progress::Progress;
@@ -59,9 +59,13 @@ pub struct ScoreArgs {
     #[arg(long, value_enum, default_value = "none")]
     truncate: Truncate,
     /// Continue an interrupted run of the same command: the windows it completed are kept, the rest
-    /// scored. Refused when the inputs or the settings differ.
-    #[arg(long)]
+    /// scored. Refused when the inputs or the settings differ, and for stdin.
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Discard the scored windows that an interrupted run of the same output left (without it or
+    /// --resume, such a run is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Also write `top_attributes` and `top_coefficients`: the K objectives of largest |coefficient|.
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
@@ -86,6 +90,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         (None, None) => Target::default_for(&args.inputs[0]),
         (o, Some(s)) => shard_target(o.as_deref(), &args.inputs[0], s)?,
     };
+    refuse_input_as_output(&target, &args.inputs)?;
     let job = Job {
         inputs: &args.inputs,
         window_rows: args.window_rows as usize,
@@ -94,12 +99,51 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         skip_bad: args.on_error == OnError::Skip,
         truncate: args.truncate == Truncate::PromptLeft,
         resume: args.resume,
+        overwrite: args.overwrite,
         model: &args.model,
         columns: &args.columns,
         run: &args.run,
     };
-    job.score_into(&target)?;
-    Ok(())
+    job.score_into(&target).map_err(|e| resumable(e, &target))
+}
+
+/// A run that stopped while scoring, after committing windows, says how to keep them.
+fn resumable(e: anyhow::Error, target: &Target) -> anyhow::Error {
+    let saved = target.path.as_deref().map_or(0, checkpoint::saved_windows);
+    if saved == 0 || !e.is::<PipelineError>() {
+        return e;
+    }
+    anyhow!("{e}; {saved} scored windows are kept: run the same command again with --resume to continue")
+}
+
+/// Writing over an input would destroy it while it is read (and before `--resume` can re-read it).
+fn refuse_input_as_output(target: &Target, inputs: &[String]) -> Result<()> {
+    let Some(out) = target.path.as_deref().and_then(canonical) else {
+        return Ok(());
+    };
+    match inputs
+        .iter()
+        .find(|i| *i != "-" && canonical(std::path::Path::new(i)).as_ref() == Some(&out))
+    {
+        Some(input) => Err(anyhow!(
+            "{}: the output is the input {input}; choose another -o",
+            out.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `path` with links and `..` resolved; for a file not created yet, its folder's canonical path and
+/// its name.
+fn canonical(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
 /// OUTPUT/part-K-of-N.parquet, OUTPUT defaulting to the first input's stem + `.scores`; the directory is
@@ -129,6 +173,8 @@ pub struct Job<'a> {
     pub skip_bad: bool,
     pub truncate: bool,
     pub resume: bool,
+    /// Discard an interrupted run's parts instead of refusing to start.
+    pub overwrite: bool,
     pub model: &'a ModelArgs,
     pub columns: &'a ColumnArgs,
     pub run: &'a RunArgs,
@@ -136,6 +182,14 @@ pub struct Job<'a> {
 
 impl Job<'_> {
     pub fn score_into(&self, target: &Target) -> Result<()> {
+        if self.resume && self.inputs.iter().any(|i| i == "-") {
+            return Err(anyhow!(
+                "--resume cannot check that stdin holds the same rows as the interrupted run: save \
+                 the input to a file and score that"
+            ));
+        }
+        // Caught from here on: a stop keeps the committed windows (see armorm::signal).
+        let _signals = armorm::signal::Catch::install();
         let devices = self.model.devices()?;
         let lanes = self.run.apply_threads(devices.iter().all(|d| d.is_cpu()));
         let loaded = self.model.load(&devices, lanes)?;
@@ -143,10 +197,15 @@ impl Job<'_> {
         // run can be resumed; stdout streams directly.
         let (sink, skip_windows): (Box<dyn output::Sink + Send>, usize) = match &target.path {
             Some(_) => {
+                let earlier = match (self.resume, self.overwrite) {
+                    (true, _) => Earlier::Resume,
+                    (false, true) => Earlier::Overwrite,
+                    (false, false) => Earlier::Keep,
+                };
                 let (c, done) = Checkpoint::open(
                     target,
-                    &self.fingerprint(&loaded),
-                    self.resume,
+                    &self.fingerprint(&loaded, &devices),
+                    earlier,
                     metadata(&loaded),
                 )?;
                 if done > 0 && !self.run.quiet {
@@ -183,12 +242,24 @@ impl Job<'_> {
 
     /// Everything that decides which rows go into which window and how they are scored: a resumed run
     /// must match the interrupted one on all of it.
-    fn fingerprint(&self, loaded: &Loaded) -> serde_json::Value {
+    fn fingerprint(&self, loaded: &Loaded, devices: &[candle_core::Device]) -> serde_json::Value {
+        // The kind of device, not its number: cuda:0 and cuda:1 compute the same numbers.
+        let mut kinds: Vec<&str> = devices
+            .iter()
+            .map(|d| match d.location() {
+                candle_core::DeviceLocation::Cpu => "cpu",
+                candle_core::DeviceLocation::Cuda { .. } => "cuda",
+                candle_core::DeviceLocation::Metal { .. } => "metal",
+            })
+            .collect();
+        kinds.dedup();
         serde_json::json!({
             "armorm": env!("CARGO_PKG_VERSION"),
+            "parts": "parquet",
             "model": loaded.files.name,
             "revision": loaded.files.revision,
             "dtype": format!("{:?}", loaded.dtype),
+            "device": kinds,
             "inputs": self.inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
             "columns": [&self.columns.prompt_column, &self.columns.response_column, &self.columns.messages_column],
             "window_rows": self.window_rows,

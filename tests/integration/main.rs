@@ -9,6 +9,7 @@ mod fuzz;
 mod memory;
 mod model_config;
 mod non_finite;
+mod output_safety;
 mod parity;
 mod resume;
 mod shards;
