@@ -19,7 +19,7 @@ use polars::prelude::{DataFrame, Schema};
 use rayon::prelude::*;
 
 use crate::encoder::Encoded;
-use crate::input::{Chunk, ChunkSource, InputError, Location};
+use crate::input::{self, Chunk, ChunkSource, InputError, Location};
 use crate::output::{self, OutputError, RowStatus, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
 use crate::shard::Shard;
@@ -117,6 +117,8 @@ pub struct Options {
     pub truncate_prompt_left: bool,
     /// Windows already written by an interrupted run (`--resume`): read again, not scored.
     pub skip_windows: usize,
+    /// Keep an input column named like one armorm writes as `input_NAME` instead of refusing the input.
+    pub rename_input_columns: bool,
 }
 
 impl Options {
@@ -138,6 +140,10 @@ pub fn run(
         skip_bad: options.skip_bad,
         truncate: options.truncate_prompt_left,
     };
+    let reserved = Reserved {
+        names: output::written_columns(status_columns, options.top.is_some()),
+        rename: options.rename_input_columns,
+    };
     let Options {
         top,
         shard,
@@ -149,8 +155,17 @@ pub fn run(
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
-        let reader =
-            s.spawn(move || read_and_encode(inputs, scorer, shard, policy, skip_windows, enc_tx));
+        let reader = s.spawn(move || {
+            read_and_encode(
+                inputs,
+                scorer,
+                shard,
+                policy,
+                reserved,
+                skip_windows,
+                enc_tx,
+            )
+        });
         let writer = s.spawn(move || {
             write(
                 out_rx,
@@ -203,6 +218,7 @@ fn read_and_encode(
     scorer: &Scorer,
     shard: Option<Shard>,
     policy: Policy,
+    reserved: Reserved,
     skip_windows: usize,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
@@ -219,7 +235,8 @@ fn read_and_encode(
             }
         };
         loop {
-            let chunk = match source.next_chunk() {
+            // Checked as each window is read, so a clash stops the run before that window is scored.
+            let chunk = match source.next_chunk().and_then(|c| reserved.check(c, &name)) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
@@ -266,6 +283,22 @@ fn read_and_encode(
     Ok(())
 }
 
+/// The columns armorm adds, which an input column must not be named like.
+struct Reserved {
+    names: Vec<&'static str>,
+    rename: bool,
+}
+
+impl Reserved {
+    fn check(&self, chunk: Option<Chunk>, input: &str) -> Result<Option<Chunk>, InputError> {
+        let Some(mut chunk) = chunk else {
+            return Ok(None);
+        };
+        input::reserve_columns(&mut chunk.frame, &self.names, self.rename, input)?;
+        Ok(Some(chunk))
+    }
+}
+
 /// How rows that cannot be scored as they are are handled.
 #[derive(Debug, Clone, Copy)]
 struct Policy {
@@ -288,6 +321,9 @@ fn encode_chunk(
             let error = |status, e: String| RowStatus { status, error: Some(e) };
             // A row the reader could not take has null input columns: the error says where it was.
             let messages = row.as_ref().map_err(|e| error("error", e.to_string()))?;
+            if let Some(e) = certainly_too_long(scorer, messages, policy.truncate) {
+                return Err(error("too_long", e));
+            }
             let enc = scorer.encoder().encode(messages).map_err(|e| error("error", e))?;
             if enc.ids.len() <= max {
                 return Ok((enc, RowStatus::ok()));
@@ -327,6 +363,31 @@ fn encode_chunk(
         }
     }
     Ok((encoded, statuses))
+}
+
+/// A row over --max-length by its length alone, refused before rendering and tokenizing it (which take
+/// time and memory in proportion to the text). Under truncation only the response must fit.
+fn certainly_too_long(
+    scorer: &Scorer,
+    messages: &[crate::chat::Message],
+    truncate: bool,
+) -> Option<String> {
+    let max = scorer.max_length();
+    let (counted, what) = if truncate {
+        (
+            &messages[messages.len().saturating_sub(1)..],
+            "the response alone",
+        )
+    } else {
+        (messages, "the conversation")
+    };
+    let at_least = scorer.encoder().min_tokens(counted);
+    (at_least > max).then(|| {
+        format!(
+            "{what} is at least {at_least} tokens by its length, over --max-length {max}; armorm \
+             never truncates silently (see --truncate prompt-left)"
+        )
+    })
 }
 
 fn score_windows(

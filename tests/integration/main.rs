@@ -6,6 +6,7 @@ mod common;
 mod errors;
 mod formats;
 mod fuzz;
+mod input_checks;
 mod parity;
 mod resume;
 mod shards;
