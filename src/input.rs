@@ -158,6 +158,13 @@ pub fn open(
         "jsonl" | "ndjson" | "json" => {
             let size = file.metadata().map(|m| m.len()).ok();
             let mut source = JsonlSource::new(BufReader::new(file), path, names, chunk_rows);
+            if let Some(schema) = read_ahead_schema(path, chunk_rows, max_line_bytes)? {
+                source.schema = Some(Arc::new(schema));
+                source.schema_from = format!(
+                    "reading the file ahead (its first window, widened by up to {MAX_WIDENINGS} later \
+                     lines with new keys or types)"
+                );
+            }
             source.total_bytes = size;
             source.skip_bad = skip_bad;
             source.max_line_bytes = max_line_bytes;
@@ -214,8 +221,9 @@ pub fn reserve_columns(
 }
 
 /// JSONL, a chunk of lines at a time. Each line is checked with serde_json (for exact errors), and the
-/// chunk's columns are then read by polars under the schema of the first chunk; a later line that does
-/// not fit that schema is bad input, since polars would drop or rewrite what does not fit.
+/// chunk's columns are then read by polars under one schema: a file's read ahead (`open`), or stdin's
+/// first chunk. A line that does not fit it is bad input, since polars would drop or rewrite what does
+/// not fit.
 pub struct JsonlSource<R> {
     reader: R,
     file: String,
@@ -223,8 +231,8 @@ pub struct JsonlSource<R> {
     names: ColumnNames,
     chunk_rows: usize,
     schema: Option<SchemaRef>,
-    /// The lines whose columns fixed `schema`, for messages.
-    first_window: String,
+    /// Where `schema` came from, for messages.
+    schema_from: String,
     done: bool,
     bytes_read: u64,
     total_bytes: Option<u64>,
@@ -236,7 +244,7 @@ pub struct JsonlSource<R> {
 enum LineRead {
     End,
     Line,
-    /// Over `max_line_bytes`: this many bytes, read past.
+    /// Over `max_line_bytes`: this many bytes (without the newline), read past.
     TooLong(u64),
 }
 
@@ -249,7 +257,7 @@ impl<R: BufRead> JsonlSource<R> {
             names: names.clone(),
             chunk_rows: chunk_rows.max(1),
             schema: None,
-            first_window: String::new(),
+            schema_from: String::new(),
             done: false,
             bytes_read: 0,
             total_bytes: None,
@@ -345,9 +353,9 @@ impl<R: BufRead> JsonlSource<R> {
         if buf.last() == Some(&b'\n') || buf.len() <= self.max_line_bytes {
             return Ok(LineRead::Line);
         }
-        let rest = skip_line(&mut self.reader).map_err(read_error)?;
+        let (rest, newline) = skip_line(&mut self.reader).map_err(read_error)?;
         self.bytes_read += rest;
-        Ok(LineRead::TooLong(n as u64 + rest))
+        Ok(LineRead::TooLong(n as u64 + rest - u64::from(newline)))
     }
 
     /// A line's text (without a byte-order mark) and conversation; `None` for a blank line.
@@ -373,30 +381,21 @@ impl<R: BufRead> JsonlSource<R> {
         Ok(Some((text, messages)))
     }
 
-    /// A line after the first window must fit the columns and types that the first window fixed:
-    /// polars would drop a key it has not seen (at any depth) and write a list or object as text.
+    /// A line must fit the columns and types fixed before it: polars would drop a key it has not seen
+    /// (at any depth) and write a list or object as text.
     fn check_fits(&self, value: &Value, schema: &Schema) -> Result<(), InputError> {
-        let Value::Object(obj) = value else {
-            return Ok(());
-        };
-        for (key, v) in obj {
-            let fit = match schema.get(key) {
-                Some(dtype) => fits(v, dtype),
-                None => Err((String::new(), NEW_KEY.to_string())),
-            };
-            fit.map_err(|(path, why)| {
-                InputError::new(
-                    self.here(),
-                    Some(&format!("{key}{path}")),
-                    format!(
-                        "{why}; armorm takes the output's columns and their types from the first window \
-                         ({}): raise --window-rows to include such a row, or give the first rows this shape",
-                        self.first_window
-                    ),
-                )
-            })?;
-        }
-        Ok(())
+        fits_row(value, schema).map_err(|(field, why)| {
+            InputError::new(
+                self.here(),
+                Some(&field),
+                format!(
+                    "{why}; the output's columns and their types come from {}, and this does not fit \
+                     them (raise --window-rows, or read a file rather than stdin: armorm reads a file \
+                     ahead for its columns)",
+                    self.schema_from
+                ),
+            )
+        })
     }
 
     /// A bad line: the error, or with `skip_bad` a row of nulls that carries it.
@@ -431,7 +430,10 @@ impl<R: BufRead> JsonlSource<R> {
         let schema = match &self.schema {
             Some(s) => s.clone(),
             None => {
-                self.first_window = span.replace(&format!("{}: ", self.file), "");
+                self.schema_from = format!(
+                    "the first window ({})",
+                    span.replace(&format!("{}: ", self.file), "")
+                );
                 let s = polars::io::ndjson::infer_schema(&mut Cursor::new(bytes), None).map_err(
                     |e| InputError::new(&span, None, format!("cannot infer columns: {e}")),
                 )?;
@@ -466,8 +468,8 @@ impl<R: BufRead> JsonlSource<R> {
                         &locations[i],
                         misfit_field(line, &schema).as_deref(),
                         format!(
-                            "does not fit the column types of the first window ({}): {e}",
-                            self.first_window
+                            "does not fit the column types that come from {}: {e}",
+                            self.schema_from
                         ),
                     );
                     if !self.skip_bad {
@@ -513,8 +515,9 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Consumes the rest of a line without keeping it; returns how many bytes that was.
-fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
+/// Consumes the rest of a line without keeping it; returns how many bytes that was, and whether it
+/// ended with a newline (counted) rather than the end of the input.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<(u64, bool)> {
     let mut skipped = 0u64;
     loop {
         let available = match reader.fill_buf() {
@@ -523,7 +526,7 @@ fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
             Err(e) => return Err(e),
         };
         if available.is_empty() {
-            return Ok(skipped);
+            return Ok((skipped, false));
         }
         let (used, end) = match available.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
@@ -532,12 +535,84 @@ fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
         reader.consume(used);
         skipped += used as u64;
         if end {
-            return Ok(skipped);
+            return Ok((skipped, true));
         }
     }
 }
 
-const NEW_KEY: &str = "a key that the first window does not have";
+const NEW_KEY: &str = "a key that is not among the columns";
+
+/// A JSON row against the columns: Err((the field at fault, why)).
+fn fits_row(value: &Value, schema: &Schema) -> Result<(), (String, String)> {
+    let Value::Object(obj) = value else {
+        return Ok(());
+    };
+    for (key, v) in obj {
+        match schema.get(key) {
+            Some(dtype) => fits(v, dtype).map_err(|(path, why)| (format!("{key}{path}"), why))?,
+            None => return Err((key.clone(), NEW_KEY.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Lines with new keys or types that a read-ahead widens the columns for, at most.
+const MAX_WIDENINGS: usize = 256;
+
+/// The columns of a JSONL file, read ahead: those of its first window, widened by each later line that
+/// does not fit them (a key first seen late, a value of another type), so that such keys are carried
+/// rather than refused. Lines that are not objects are left to the real pass to report. `None` when
+/// the file has no object lines or polars cannot infer their columns (the real pass says why).
+fn read_ahead_schema(
+    path: &str,
+    chunk_rows: usize,
+    max_line_bytes: usize,
+) -> Result<Option<Schema>, InputError> {
+    let file =
+        File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
+    let mut probe = JsonlSource::new(BufReader::new(file), path, &ColumnNames::default(), 1);
+    probe.max_line_bytes = max_line_bytes;
+    let infer =
+        |sample: &[u8]| polars::io::ndjson::infer_schema(&mut Cursor::new(sample), None).ok();
+    let (mut sample, mut taken, mut widened) = (Vec::new(), 0usize, 0usize);
+    let mut schema = None;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match probe.read_line(&mut buf)? {
+            LineRead::End => break,
+            LineRead::TooLong(_) => continue,
+            LineRead::Line => {}
+        }
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) if probe.line == 1 => t.strip_prefix('\u{feff}').unwrap_or(t),
+            Ok(t) => t,
+            Err(_) => continue,
+        };
+        let Ok(value @ Value::Object(_)) = parse_json(text) else {
+            continue;
+        };
+        if taken >= chunk_rows {
+            let Some(s) = &schema else { break };
+            if widened == MAX_WIDENINGS || fits_row(&value, s).is_ok() {
+                continue;
+            }
+            widened += 1;
+        }
+        sample.extend_from_slice(text.trim_end().as_bytes());
+        sample.push(b'\n');
+        taken += 1;
+        if taken >= chunk_rows {
+            // A line polars cannot take with the others keeps the columns as they were.
+            match infer(&sample) {
+                Some(s) => schema = Some(s),
+                None if schema.is_none() => return Ok(None),
+                None => {}
+            }
+        }
+    }
+    Ok(schema.or_else(|| (!sample.is_empty()).then(|| infer(&sample)).flatten()))
+}
 
 /// Whether polars holds `value` in a column of `dtype` as it is; else (the path below the column, why).
 fn fits(value: &Value, dtype: &DataType) -> Result<(), (String, String)> {
@@ -546,7 +621,7 @@ fn fits(value: &Value, dtype: &DataType) -> Result<(), (String, String)> {
         (_, DataType::Null) => {
             return Err((
                 String::new(),
-                format!("{} where the first window has only nulls", kind(value)),
+                format!("{} where the column holds only nulls", kind(value)),
             ))
         }
         // A scalar in a string column is written as its text, as polars does within one window.
@@ -589,7 +664,7 @@ fn fits(value: &Value, dtype: &DataType) -> Result<(), (String, String)> {
     } else {
         Err((
             String::new(),
-            format!("{} where the first window has {dtype}", kind(value)),
+            format!("{} where the column holds {dtype}", kind(value)),
         ))
     }
 }
@@ -1016,6 +1091,46 @@ mod tests {
             c2.frame.column("id").unwrap().i64().unwrap().get(0),
             Some(2)
         );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        assert_eq!(
+            parse_json(r#"{"a": 1, "b": {"c": [1, {"d": 2}]}}"#).unwrap(),
+            serde_json::json!({"a": 1, "b": {"c": [1, {"d": 2}]}})
+        );
+        for (text, key) in [
+            (r#"{"a": 1, "a": 1}"#, "a"),
+            (r#"{"a": [{"b": 1, "b": 2}]}"#, "b"),
+        ] {
+            assert_eq!(parse_json(text).unwrap_err().0.as_deref(), Some(key));
+        }
+        assert!(parse_json(r#"{"a": 1} x"#)
+            .unwrap_err()
+            .1
+            .starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn a_long_line_is_read_past_and_the_next_one_read_whole() {
+        let data = format!(
+            "{}\n{{\"prompt\": \"{}\", \"response\": \"b\"}}\n{}\n",
+            r#"{"prompt": "a", "response": "b"}"#,
+            "x".repeat(1000),
+            r#"{"prompt": "c", "response": "d"}"#
+        );
+        let mut src = JsonlSource::new(Cursor::new(data), "x.jsonl", &ColumnNames::default(), 10);
+        src.max_line_bytes = 100;
+        src.skip_bad = true;
+        let chunk = src.next_chunk().unwrap().unwrap();
+        assert_eq!(chunk.conversations.len(), 3);
+        let e = chunk.conversations[1].as_ref().unwrap_err().to_string();
+        assert!(
+            e.starts_with("x.jsonl: line 2: the line is 1031 bytes"),
+            "{e}"
+        );
+        assert_eq!(chunk.conversations[2].as_ref().unwrap()[0].content, "c");
+        assert_eq!(src.fraction_read(), None);
     }
 
     #[test]

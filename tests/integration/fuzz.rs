@@ -100,21 +100,33 @@ proptest! {
     /// The whole CLI on structured rows: no panic; under fail, exit 0 with every row or exit 1 naming a
     /// line; under skip, exit 0 or 3 with every row, scored or with the reason why not.
     #[test]
-    fn score_never_panics_and_keeps_every_row_under_skip(lines in proptest::collection::vec(line(), 1..10)) {
+    fn score_never_panics_and_keeps_every_row_under_skip(
+        lines in proptest::collection::vec(line(), 1..10),
+        from_file in any::<bool>(),
+    ) {
         let data = lines.join("\n") + "\n";
         let rows = lines.iter().filter(|l| !l.trim().is_empty()).count();
         let model = model_dir(TINY);
+        // A file is read ahead for its columns, stdin is not: both paths.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.jsonl");
+        std::fs::write(&file, &data).unwrap();
+        let (input, place) = if from_file {
+            (file.to_str().unwrap(), "f.jsonl: line ")
+        } else {
+            ("-", "<stdin>: line ")
+        };
         let run = |extra: &[&str]| {
-            let mut args = vec!["score", "-", "--model", model.to_str().unwrap(), "-o", "-", "--device", "cpu", "--window-rows", "3"];
+            let mut args = vec!["score", input, "--model", model.to_str().unwrap(), "-o", "-", "--device", "cpu", "--window-rows", "3"];
             args.extend_from_slice(extra);
-            armorm_stdin(&args, Some(data.as_bytes()))
+            armorm_stdin(&args, (!from_file).then_some(data.as_bytes()))
         };
         let out = run(&[]);
         let err = String::from_utf8_lossy(&out.stderr);
         prop_assert!(!err.contains("panicked"), "{}", err);
         match out.status.code() {
             Some(0) => prop_assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), rows),
-            Some(1) => prop_assert!(err.contains("<stdin>: line "), "{}", err),
+            Some(1) => prop_assert!(err.contains(place), "{}", err),
             code => prop_assert!(false, "exit {:?}: {}", code, err),
         }
         let out = run(&["--on-error", "skip"]);

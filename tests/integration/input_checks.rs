@@ -51,44 +51,67 @@ fn scores(rows: &[Value]) -> Vec<f64> {
 }
 
 #[test]
-fn a_key_first_seen_after_the_first_window_is_refused_naming_key_and_line() {
+fn a_key_first_seen_after_the_first_window_is_carried_from_a_file_and_refused_on_stdin() {
     let dir = tempfile::tempdir().unwrap();
-    let input = write_lines(
-        dir.path(),
-        "late.jsonl",
-        &[
-            r#"{"id": "a", "prompt": "Hi", "response": "Hello!"}"#,
-            r#"{"id": "b", "prompt": "Hi", "response": "Hello!"}"#,
-            r#"{"id": "c", "prompt": "Hi", "response": "Hello!", "source": "web"}"#,
-            r#"{"id": "d", "prompt": "Hi", "response": "Hello!"}"#,
-        ],
+    let lines = [
+        r#"{"id": "a", "prompt": "Hi", "response": "Hello!"}"#,
+        r#"{"id": "b", "prompt": "Hi", "response": "Hello!"}"#,
+        r#"{"id": "c", "prompt": "Hi", "response": "Hello!", "source": "web"}"#,
+        r#"{"id": "d", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}"#,
+    ];
+    let input = write_lines(dir.path(), "late.jsonl", &lines);
+    // A file is read ahead for its columns: every key is carried, whatever the window.
+    let (code, rows, err) = score(&input, &["--window-rows", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[2]["source"], "web");
+    assert!(rows[0]["source"].is_null() && rows[3]["source"].is_null());
+    assert_eq!(rows[3]["messages"][1]["content"], "Hello!");
+    assert!(rows[0]["messages"].is_null());
+    assert_eq!(scores(&rows)[0], scores(&rows)[3]);
+    let (_, whole, _) = score(&input, &["--window-rows", "4"]);
+    let carried = |rows: &[Value]| -> Vec<Vec<Value>> {
+        let keys = ["id", "prompt", "response", "source", "messages"];
+        rows.iter()
+            .map(|r| keys.iter().map(|k| r[*k].clone()).collect())
+            .collect()
+    };
+    assert_eq!(
+        carried(&rows),
+        carried(&whole),
+        "the window size changes no column"
     );
-    let (code, _, err) = score(&input, &["--window-rows", "2"]);
+
+    // stdin cannot be read ahead: a key the first window lacks is refused, naming line and key.
+    let data = lines.join("\n") + "\n";
+    let (code, _, err) = score_stdin("-", &["--window-rows", "2"], Some(data.as_bytes()));
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("late.jsonl: line 3: field `source`")
-            && err.contains("first window (lines 1-2)"),
+        err.contains("<stdin>: line 3: field `source`: a key that is not among the columns")
+            && err.contains("the first window (lines 1-2)"),
         "{err}"
     );
-    // Within the first window the key is a column like any other.
-    let (code, rows, err) = score(&input, &["--window-rows", "4"]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(rows[2]["source"], "web");
-    assert!(rows[0]["source"].is_null());
-
     // Under skip the row stays, unscored, with the reason; the others are scored.
-    let (code, rows, err) = score(&input, &["--window-rows", "2", "--on-error", "skip"]);
+    let (code, rows, err) = score_stdin(
+        "-",
+        &["--window-rows", "2", "--on-error", "skip"],
+        Some(data.as_bytes()),
+    );
     assert_eq!(code, Some(3), "{err}");
     let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
-    assert_eq!(status, ["ok", "ok", "error", "ok"]);
+    assert_eq!(status, ["ok", "ok", "error", "error"]);
     assert!(rows[2]["error"]
         .as_str()
         .unwrap()
         .contains("line 3: field `source`"));
+    assert!(rows[3]["error"]
+        .as_str()
+        .unwrap()
+        .contains("line 4: field `messages`"));
 }
 
 #[test]
-fn a_late_key_inside_a_message_or_a_value_of_another_type_names_the_line() {
+fn a_late_key_inside_a_message_or_a_value_of_another_type_is_carried_or_named() {
     let dir = tempfile::tempdir().unwrap();
     let m = |extra: &str| {
         format!(
@@ -96,32 +119,51 @@ fn a_late_key_inside_a_message_or_a_value_of_another_type_names_the_line() {
         )
     };
     let nested = m("null").replace(r#""content": "Hi""#, r#""content": "Hi", "name": "ann""#);
-    for (line2, field, why) in [
+    for (line2, field, why, carried) in [
         (
             nested.as_str(),
             "messages[0].name",
-            "a key that the first window does not have",
+            "a key that is not among the columns",
+            "ann",
         ),
         (
             &m("\"x\""),
             "tag",
-            "a string where the first window has only nulls",
+            "a string where the column holds only nulls",
+            "x",
         ),
         (
-            &m("[1]"),
+            &m("[\"y\"]"),
             "tag",
-            "an array where the first window has only nulls",
+            "an array where the column holds only nulls",
+            "y",
         ),
     ] {
         let lines = [m("null"), line2.to_string()];
         let input = write_lines(dir.path(), "nested.jsonl", &[&lines[0], &lines[1]]);
-        let (code, _, err) = score(&input, &["--window-rows", "1"]);
+        let (code, rows, err) = score(&input, &["--window-rows", "1"]);
+        assert_eq!(code, Some(0), "{err}");
+        let text = rows[1].to_string();
+        assert!(
+            text.contains(&format!("\"{carried}\"")),
+            "{field} not carried: {text}"
+        );
+        let data = lines.join("\n") + "\n";
+        let (code, _, err) = score_stdin("-", &["--window-rows", "1"], Some(data.as_bytes()));
         assert_eq!(code, Some(1), "{err}");
         assert!(
-            err.contains(&format!("nested.jsonl: line 2: field `{field}`: {why}")),
+            err.contains(&format!("<stdin>: line 2: field `{field}`: {why}")),
             "{err}"
         );
     }
+    // Types no column can hold together (a number, then a list): the line that does not fit is named.
+    let input = write_lines(dir.path(), "clash.jsonl", &[&m("5"), &m("[1]")]);
+    let (code, _, err) = score(&input, &["--window-rows", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("clash.jsonl: line 2: field `tag`: an array where the column holds i64"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -325,7 +367,7 @@ fn a_line_over_max_line_bytes_is_read_past_not_held() {
     let input = write_lines(dir.path(), "long.jsonl", &lines);
     let (code, _, err) = score(&input, &["--max-line-bytes", "100000"]);
     assert_eq!(code, Some(1), "{err}");
-    let n = long.len() + 1;
+    let n = long.len();
     assert!(
         err.contains(&format!(
             "long.jsonl: line 2: the line is {n} bytes, over --max-line-bytes 100000"
