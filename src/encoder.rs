@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
 use crate::chat::{check_conversation, ChatTemplate, Message, TemplateError};
 
@@ -35,6 +36,9 @@ pub struct Encoder {
     template: ChatTemplate,
     pattern: Vec<u32>,
     vocab_size: usize,
+    /// The most text one token can stand for, in bytes, when every byte of the text lands in a token
+    /// (see `min_tokens`); `None` when that is not known of this tokenizer and template.
+    max_token_bytes: Option<usize>,
 }
 
 impl Encoder {
@@ -83,12 +87,34 @@ impl Encoder {
                 message: format!("cannot produce the gating tokens {GATING_TEXT:?}: {reason}"),
             }
         })?;
+        let max_token_bytes = max_token_bytes(&tokenizer, &template);
         Ok(Self {
             tokenizer,
             template,
             pattern,
             vocab_size,
+            max_token_bytes,
         })
+    }
+
+    /// A lower bound on the tokens of the rendered conversation, from the length of its user and
+    /// assistant texts alone (0 when unknown): a row far over the limit is refused before it is
+    /// rendered or tokenized, whatever its size.
+    pub fn min_tokens(&self, messages: &[Message]) -> usize {
+        let Some(per_token) = self.max_token_bytes else {
+            return 0;
+        };
+        // Trimmed of more than any template trims, so the bound holds for those that trim.
+        let bytes: usize = messages
+            .iter()
+            .filter(|m| m.role != "system")
+            .map(|m| {
+                m.content
+                    .trim_matches(|c: char| c.is_whitespace() || c.is_control())
+                    .len()
+            })
+            .sum();
+        bytes.div_ceil(per_token)
     }
 
     pub fn gating_pattern(&self) -> &[u32] {
@@ -172,6 +198,53 @@ fn check_pattern(tokenizer: &Tokenizer, pattern: &[u32], vocab_size: usize) -> R
         )),
         None => Ok(()),
     }
+}
+
+/// The longest vocabulary string in bytes, where it bounds the text a token covers: without a
+/// normalizer, behind a byte-level pre-tokenizer that drops nothing (Llama-3's), and with no added
+/// token that swallows the whitespace beside it, each byte of the text is in exactly one token, whose
+/// string is at least as long as the bytes it stands for. The template must also write each user and
+/// assistant text (checked on a probe), so that their bytes are part of the rendered text.
+fn max_token_bytes(tokenizer: &Tokenizer, template: &ChatTemplate) -> Option<usize> {
+    fn lossless(p: &PreTokenizerWrapper, byte_level: &mut bool) -> bool {
+        match p {
+            PreTokenizerWrapper::ByteLevel(_) => {
+                *byte_level = true;
+                true
+            }
+            PreTokenizerWrapper::Split(s) => s.behavior != SplitDelimiterBehavior::Removed,
+            PreTokenizerWrapper::Sequence(seq) => {
+                seq.as_ref().iter().all(|p| lossless(p, byte_level))
+            }
+            _ => false,
+        }
+    }
+    let mut byte_level = false;
+    let keeps_bytes = tokenizer.get_normalizer().is_none()
+        && tokenizer
+            .get_pre_tokenizer()
+            .is_some_and(|p| lossless(p, &mut byte_level))
+        && byte_level
+        && tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .all(|t| !t.lstrip && !t.rstrip);
+    let probe = [
+        Message::new("user", "armorm probe question"),
+        Message::new("assistant", "armorm probe answer"),
+    ];
+    let writes_texts = template
+        .render(&probe)
+        .is_ok_and(|text| probe.iter().all(|m| text.contains(&m.content)));
+    if !(keeps_bytes && writes_texts) {
+        return None;
+    }
+    tokenizer
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .filter(|&n| n > 0)
 }
 
 fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {

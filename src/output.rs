@@ -12,6 +12,22 @@ use crate::scorer::RowScore;
 
 /// The columns armorm adds, in order.
 pub const SCORE_COLUMNS: [&str; 5] = ["score", "rewards", "gating", "coefficients", "num_tokens"];
+/// Added under `--on-error skip` or `--truncate prompt-left`.
+pub const STATUS_COLUMNS: [&str; 2] = ["status", "error"];
+/// Added by `--top-k`.
+pub const TOP_COLUMNS: [&str; 2] = ["top_attributes", "top_coefficients"];
+
+/// Every column a run adds to the input's.
+pub fn written_columns(status: bool, top: bool) -> Vec<&'static str> {
+    let mut names = SCORE_COLUMNS.to_vec();
+    if status {
+        names.extend(STATUS_COLUMNS);
+    }
+    if top {
+        names.extend(TOP_COLUMNS);
+    }
+    names
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {

@@ -19,7 +19,7 @@ use polars::prelude::{DataFrame, Schema};
 use rayon::prelude::*;
 
 use crate::encoder::Encoded;
-use crate::input::{Chunk, ChunkSource, InputError, Location};
+use crate::input::{self, Chunk, ChunkSource, InputError, Location};
 use crate::output::{self, OutputError, RowStatus, Sink, TopK};
 use crate::scorer::{RowScore, ScoreError, Scorer};
 use crate::shard::Shard;
@@ -121,6 +121,8 @@ pub struct Options {
     pub truncate_prompt_left: bool,
     /// Windows already written by an interrupted run (`--resume`): read again, not scored.
     pub skip_windows: usize,
+    /// Keep an input column named like one armorm writes as `input_NAME` instead of refusing the input.
+    pub rename_input_columns: bool,
 }
 
 impl Options {
@@ -142,6 +144,10 @@ pub fn run(
         skip_bad: options.skip_bad,
         truncate: options.truncate_prompt_left,
     };
+    let reserved = Reserved {
+        names: output::written_columns(status_columns, options.top.is_some()),
+        rename: options.rename_input_columns,
+    };
     let Options {
         top,
         shard,
@@ -157,7 +163,16 @@ pub fn run(
     thread::scope(|s| {
         let schema = &input_schema;
         let reader = s.spawn(move || {
-            read_and_encode(inputs, scorer, shard, policy, skip_windows, schema, enc_tx)
+            read_and_encode(
+                inputs,
+                scorer,
+                shard,
+                policy,
+                reserved,
+                skip_windows,
+                schema,
+                enc_tx,
+            )
         });
         let writer = s.spawn(move || {
             let mut writer = WindowWriter {
@@ -210,6 +225,7 @@ fn read_and_encode(
     scorer: &Scorer,
     shard: Option<Shard>,
     policy: Policy,
+    reserved: Reserved,
     skip_windows: usize,
     input_schema: &OnceLock<Schema>,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
@@ -231,7 +247,8 @@ fn read_and_encode(
                 let _ = tx.send(Err(PipelineError::Interrupted(e)));
                 return Ok(());
             }
-            let chunk = match source.next_chunk() {
+            // Checked as each window is read, so a clash stops the run before that window is scored.
+            let chunk = match source.next_chunk().and_then(|c| reserved.check(c, &name)) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
@@ -281,6 +298,22 @@ fn read_and_encode(
     Ok(())
 }
 
+/// The columns armorm adds, which an input column must not be named like.
+struct Reserved {
+    names: Vec<&'static str>,
+    rename: bool,
+}
+
+impl Reserved {
+    fn check(&self, chunk: Option<Chunk>, input: &str) -> Result<Option<Chunk>, InputError> {
+        let Some(mut chunk) = chunk else {
+            return Ok(None);
+        };
+        input::reserve_columns(&mut chunk.frame, &self.names, self.rename, input)?;
+        Ok(Some(chunk))
+    }
+}
+
 /// How rows that cannot be scored as they are are handled.
 #[derive(Debug, Clone, Copy)]
 struct Policy {
@@ -303,6 +336,9 @@ fn encode_chunk(
             let error = |status, e: String| RowStatus { status, error: Some(e) };
             // A row the reader could not take has null input columns: the error says where it was.
             let messages = row.as_ref().map_err(|e| error("error", e.to_string()))?;
+            if let Some(e) = certainly_too_long(scorer, messages, policy.truncate) {
+                return Err(error("too_long", e));
+            }
             let enc = scorer.encoder().encode(messages).map_err(|e| error("error", e))?;
             if enc.ids.len() <= max {
                 return Ok((enc, RowStatus::ok()));
@@ -342,6 +378,31 @@ fn encode_chunk(
         }
     }
     Ok((encoded, statuses))
+}
+
+/// A row over --max-length by its length alone, refused before rendering and tokenizing it (which take
+/// time and memory in proportion to the text). Under truncation only the response must fit.
+fn certainly_too_long(
+    scorer: &Scorer,
+    messages: &[crate::chat::Message],
+    truncate: bool,
+) -> Option<String> {
+    let max = scorer.max_length();
+    let (counted, what) = if truncate {
+        (
+            &messages[messages.len().saturating_sub(1)..],
+            "the response alone",
+        )
+    } else {
+        (messages, "the conversation")
+    };
+    let at_least = scorer.encoder().min_tokens(counted);
+    (at_least > max).then(|| {
+        format!(
+            "{what} is at least {at_least} tokens by its length, over --max-length {max}; armorm \
+             never truncates silently (see --truncate prompt-left)"
+        )
+    })
 }
 
 fn score_windows(

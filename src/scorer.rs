@@ -114,6 +114,14 @@ impl Scorer {
     }
 
     pub fn encode(&self, messages: &[Message]) -> Result<Encoded, String> {
+        let at_least = self.encoder.min_tokens(messages);
+        if at_least > self.max_length {
+            return Err(format!(
+                "the conversation is at least {at_least} tokens by its length, over --max-length {}; \
+                 armorm never truncates silently",
+                self.max_length
+            ));
+        }
         let enc = self.encoder.encode(messages)?;
         if enc.ids.len() > self.max_length {
             return Err(format!(

@@ -39,7 +39,11 @@ pub fn read_bytes(path: &str) -> Result<Vec<u8>, InputError> {
 }
 
 /// A JSONL input's columns, by polars.
-pub fn jsonl_frame(path: &str, bytes: Vec<u8>) -> Result<DataFrame, InputError> {
+pub fn jsonl_frame(path: &str, mut bytes: Vec<u8>) -> Result<DataFrame, InputError> {
+    // A UTF-8 byte-order mark (Windows editors write one) is not part of the first line's JSON.
+    if bytes.starts_with("\u{feff}".as_bytes()) {
+        bytes.drain(..3);
+    }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(DataFrame::empty());
     }

@@ -10,7 +10,7 @@ pub mod score;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use armorm::input::ColumnNames;
+use armorm::input::{ColumnNames, DEFAULT_MAX_LINE_BYTES};
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
 use armorm::model::ArmoRMConfig;
 use armorm::scorer::Scorer;
@@ -209,6 +209,14 @@ pub struct ColumnArgs {
     /// A list of {role, content}; used instead of prompt/response when present.
     #[arg(long, default_value = "messages")]
     messages_column: String,
+    /// Longest JSONL line read, in bytes: a longer line is bad input (status `error` under
+    /// --on-error skip), read past without being held in memory.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_line_bytes: u64,
+    /// Keep an input column named like one armorm writes (score, rewards, status, ...) as input_NAME
+    /// instead of refusing the input.
+    #[arg(long)]
+    rename_input_columns: bool,
 }
 
 impl ColumnArgs {
@@ -218,6 +226,8 @@ impl ColumnArgs {
             prompt_column: "prompt".into(),
             response_column: "response".into(),
             messages_column: "messages".into(),
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES as u64,
+            rename_input_columns: false,
         }
     }
 

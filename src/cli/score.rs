@@ -231,6 +231,7 @@ impl Job<'_> {
             skip_bad: self.skip_bad,
             truncate_prompt_left: self.truncate,
             skip_windows,
+            rename_input_columns: self.columns.rename_input_columns,
         };
         let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
         progress.finish(&stats);
@@ -262,6 +263,8 @@ impl Job<'_> {
             "device": kinds,
             "inputs": self.inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
             "columns": [&self.columns.prompt_column, &self.columns.response_column, &self.columns.messages_column],
+            "max_line_bytes": self.columns.max_line_bytes,
+            "rename_input_columns": self.columns.rename_input_columns,
             "window_rows": self.window_rows,
             "max_batch_tokens": self.model.max_batch_tokens,
             "max_length": loaded.scorer.max_length(),
@@ -285,8 +288,9 @@ impl Job<'_> {
                     _ => 0.0,
                 };
                 let (p, names, window) = (path.clone(), self.columns.names(), self.window_rows);
-                let skip = self.skip_bad;
-                let open: Opener = Box::new(move || input::open(&p, &names, window, skip));
+                let (skip, max_line) = (self.skip_bad, self.columns.max_line_bytes as usize);
+                let open: Opener =
+                    Box::new(move || input::open(&p, &names, window, skip, max_line));
                 (path.clone(), share, open)
             })
             .collect()

@@ -6,6 +6,7 @@ mod common;
 mod errors;
 mod formats;
 mod fuzz;
+mod input_checks;
 mod memory;
 mod model_config;
 mod non_finite;
