@@ -166,10 +166,12 @@ pub fn run(
             read_and_encode(
                 inputs,
                 scorer,
-                shard,
+                Selection {
+                    shard,
+                    skip_windows,
+                },
                 policy,
                 reserved,
-                skip_windows,
                 schema,
                 enc_tx,
             )
@@ -223,10 +225,9 @@ pub fn run(
 fn read_and_encode(
     inputs: Vec<(String, f64, Opener)>,
     scorer: &Scorer,
-    shard: Option<Shard>,
+    select: Selection,
     policy: Policy,
     reserved: Reserved,
-    skip_windows: usize,
     input_schema: &OnceLock<Schema>,
     tx: SyncSender<Result<Encoded_, PipelineError>>,
 ) -> Result<(), PipelineError> {
@@ -259,7 +260,7 @@ fn read_and_encode(
             let fraction = source.fraction_read().map(|f| done_share + f * share);
             let first = next_row;
             next_row += chunk.conversations.len();
-            let chunk = match shard {
+            let chunk = match select.shard {
                 Some(s) => match chunk.retain(|i| s.keeps(first + i)) {
                     Ok(c) => c,
                     Err(e) => {
@@ -276,7 +277,7 @@ fn read_and_encode(
                 continue;
             }
             window += 1;
-            if window <= skip_windows {
+            if window <= select.skip_windows {
                 continue;
             }
             let item = encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| Encoded_ {
@@ -296,6 +297,12 @@ fn read_and_encode(
         done_share += share;
     }
     Ok(())
+}
+
+/// Which rows the reader passes on: this shard's, after the windows an interrupted run completed.
+struct Selection {
+    shard: Option<Shard>,
+    skip_windows: usize,
 }
 
 /// The columns armorm adds, which an input column must not be named like.
