@@ -4,13 +4,13 @@ use std::cell::RefCell;
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Read};
-use std::path::Path;
 
 use polars::prelude::*;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::chat::{check_conversation, Message};
+use crate::format::Format;
 
 /// Which columns hold the conversation.
 #[derive(Debug, Clone)]
@@ -147,15 +147,10 @@ pub fn open(
         source.max_line_bytes = max_line_bytes;
         return Ok(Box::new(source));
     }
-    let ext = Path::new(path)
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
     let file =
         File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
-    match ext.as_str() {
-        "jsonl" | "ndjson" | "json" => {
+    match Format::of(path) {
+        Some(Format::Jsonl) => {
             let size = file.metadata().map(|m| m.len()).ok();
             let mut source = JsonlSource::new(BufReader::new(file), path, names, chunk_rows);
             if let Some(schema) = read_ahead_schema(path, chunk_rows, max_line_bytes)? {
@@ -170,12 +165,12 @@ pub fn open(
             source.max_line_bytes = max_line_bytes;
             Ok(Box::new(source))
         }
-        "parquet" | "pq" => {
+        Some(Format::Parquet) => {
             let mut source = ParquetSource::new(file, path, names, chunk_rows)?;
             source.skip_bad = skip_bad;
             Ok(Box::new(source))
         }
-        _ => Err(InputError::new(
+        None => Err(InputError::new(
             path,
             None,
             "unknown input format: expected .jsonl, .ndjson or .parquet (or - for JSONL on stdin)",

@@ -12,6 +12,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod encoder;
 pub mod explain;
+pub mod format;
 pub mod input;
 pub mod loader;
 pub mod model;

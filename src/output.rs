@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 use tempfile::NamedTempFile;
 
+pub use crate::format::Format;
 use crate::parquet_out::ClassicWriter;
 use crate::scorer::RowScore;
 
@@ -39,12 +40,6 @@ pub enum OutputError {
     Io(#[from] std::io::Error),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Parquet,
-    Jsonl,
-}
-
 /// Where results go: a file (written beside the target, renamed into place at the end) or stdout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -55,30 +50,13 @@ pub struct Target {
 impl Target {
     /// `-` is JSONL on stdout; otherwise the extension decides.
     pub fn parse(spec: &str) -> Result<Self, OutputError> {
-        if spec == "-" {
-            return Ok(Self {
-                path: None,
-                format: Format::Jsonl,
-            });
-        }
-        let ext = Path::new(spec)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let format =
-            match ext.as_str() {
-                "parquet" | "pq" => Format::Parquet,
-                "jsonl" | "ndjson" | "json" => Format::Jsonl,
-                _ => return Err(OutputError::Path {
-                    path: spec.to_string(),
-                    message:
-                        "unknown output format: expected .parquet, .jsonl or - (JSONL on stdout)"
-                            .into(),
-                }),
-            };
+        let format = Format::of(spec).ok_or_else(|| OutputError::Path {
+            path: spec.to_string(),
+            message: "unknown output format: expected .parquet, .jsonl or - (JSONL on stdout)"
+                .into(),
+        })?;
         Ok(Self {
-            path: Some(PathBuf::from(spec)),
+            path: (spec != "-").then(|| PathBuf::from(spec)),
             format,
         })
     }

@@ -3,10 +3,10 @@
 
 use std::fs::File;
 use std::io::{Cursor, Read};
-use std::path::Path;
 
 use polars::prelude::*;
 
+use crate::format::Format;
 use crate::input::InputError;
 use crate::output::{self, OutputError, Target};
 
@@ -14,16 +14,6 @@ use crate::output::{self, OutputError, Target};
 pub struct Table {
     pub frame: DataFrame,
     pub attributes: Vec<String>,
-}
-
-/// Whether `path` is read as Parquet (else JSONL).
-pub fn is_parquet(path: &str) -> bool {
-    let ext = Path::new(path)
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    path != "-" && matches!(ext.as_str(), "parquet" | "pq")
 }
 
 /// All the bytes of a JSONL input (`-` is stdin).
@@ -56,31 +46,28 @@ pub fn jsonl_frame(path: &str, mut bytes: Vec<u8>) -> Result<DataFrame, InputErr
 /// Reads all of `path` (`-` is JSONL on stdin).
 pub fn read(path: &str) -> Result<Table, InputError> {
     let err = |m: String| InputError::new(path, None, m);
-    let ext = Path::new(path)
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let (frame, meta_attrs) = if path != "-" && matches!(ext.as_str(), "parquet" | "pq") {
-        let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-        let mut reader = ParquetReader::new(file);
-        let attrs = reader
-            .get_metadata()
-            .ok()
-            .and_then(|m| m.key_value_metadata().clone())
-            .and_then(|kv| kv.into_iter().find(|k| k.key == "armorm.attributes"))
-            .and_then(|k| k.value)
-            .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok());
-        let frame = reader
-            .finish()
-            .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
-        (frame, attrs)
-    } else if path == "-" || matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
-        (jsonl_frame(path, read_bytes(path)?)?, None)
-    } else {
-        return Err(err(
-            "unknown input format: expected .parquet, .jsonl or - (JSONL on stdin)".into(),
-        ));
+    let (frame, meta_attrs) = match Format::of(path) {
+        Some(Format::Parquet) => {
+            let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+            let mut reader = ParquetReader::new(file);
+            let attrs = reader
+                .get_metadata()
+                .ok()
+                .and_then(|m| m.key_value_metadata().clone())
+                .and_then(|kv| kv.into_iter().find(|k| k.key == "armorm.attributes"))
+                .and_then(|k| k.value)
+                .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok());
+            let frame = reader
+                .finish()
+                .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+            (frame, attrs)
+        }
+        Some(Format::Jsonl) => (jsonl_frame(path, read_bytes(path)?)?, None),
+        None => {
+            return Err(err(
+                "unknown input format: expected .parquet, .jsonl or - (JSONL on stdin)".into(),
+            ))
+        }
     };
     let width = list_width(&frame, "coefficients").or_else(|| list_width(&frame, "rewards"));
     let attributes = match (meta_attrs, width) {

@@ -8,6 +8,7 @@ use clap::Args;
 use polars::prelude::*;
 
 use armorm::chat::Message;
+use armorm::format::Format;
 use armorm::output::Target;
 use armorm::pairwise::{self, Summary};
 use armorm::table;
@@ -47,8 +48,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         args.input.as_str()
     };
+    // Anything but Parquet is read as JSONL here, whatever its extension.
+    let parquet = Format::of(&args.input) == Some(Format::Parquet);
     let locate = |i: usize, field: Option<String>, m: String| {
-        let at = if table::is_parquet(&args.input) {
+        let at = if parquet {
             format!("row {}", i + 1)
         } else {
             format!("line {}", i + 1)
@@ -58,7 +61,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             None => anyhow!("{label}: {at}: {m}"),
         }
     };
-    let (frame, pairs) = if table::is_parquet(&args.input) {
+    let (frame, pairs) = if parquet {
         let frame = table::read(&args.input)?.frame;
         let pairs = (0..frame.height())
             .map(|i| {
