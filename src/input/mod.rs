@@ -1,0 +1,217 @@
+//! Input datasets: JSONL (files or stdin) and Parquet, read in chunks of rows with their locations.
+//!
+//! Here: the shared types and `open`, which picks a reader by `Format`. Beside it: `jsonl.rs` (the
+//! JSONL reader), `json.rs` (a JSON row to a conversation), `parquet.rs` (the Parquet reader) and
+//! `frame.rs` (a Parquet chunk's columns to conversations).
+
+mod frame;
+mod json;
+mod jsonl;
+mod parquet;
+
+use std::fmt;
+use std::fs::File;
+use std::io::BufReader;
+
+use polars::prelude::*;
+
+use crate::chat::Message;
+use crate::format::Format;
+
+pub use frame::{conversations_from_frame, messages_from_series};
+pub use json::{conversation_from_json, messages_from_json, parse_json, FieldResult};
+pub use jsonl::JsonlSource;
+pub use parquet::ParquetSource;
+
+/// Which columns hold the conversation.
+#[derive(Debug, Clone)]
+pub struct ColumnNames {
+    pub prompt: String,
+    pub response: String,
+    pub messages: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        Self {
+            prompt: "prompt".into(),
+            response: "response".into(),
+            messages: "messages".into(),
+        }
+    }
+}
+
+/// Where a row came from: a JSONL line or a Parquet row, both counted from 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Line { file: String, line: usize },
+    Row { file: String, row: usize },
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Line { file, line } => write!(f, "{file}: line {line}"),
+            Location::Row { file, row } => write!(f, "{file}: row {row}"),
+        }
+    }
+}
+
+/// Bad input: where, which field, and why.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct InputError {
+    pub location: String,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{}: field `{field}`: {}", self.location, self.message),
+            None => write!(f, "{}: {}", self.location, self.message),
+        }
+    }
+}
+
+impl InputError {
+    pub fn new(location: impl ToString, field: Option<&str>, message: impl ToString) -> Self {
+        Self {
+            location: location.to_string(),
+            field: field.map(str::to_string),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A row's conversation, or why it has none (kept only when bad rows are skipped).
+pub type RowInput = Result<Vec<Message>, InputError>;
+
+/// A slice of the dataset: the input's own columns and the conversation of each row.
+pub struct Chunk {
+    pub frame: DataFrame,
+    pub conversations: Vec<RowInput>,
+    pub locations: Vec<Location>,
+}
+
+impl Chunk {
+    /// The rows for which `keep` holds, by position in the chunk.
+    pub fn retain(self, keep: impl Fn(usize) -> bool) -> Result<Chunk, InputError> {
+        let mask: Vec<bool> = (0..self.conversations.len()).map(&keep).collect();
+        if mask.iter().all(|&k| k) {
+            return Ok(self);
+        }
+        let frame = self
+            .frame
+            .filter(&BooleanChunked::from_slice("keep".into(), &mask))
+            .map_err(|e| InputError::new("input", None, e))?;
+        let pick = |i: &usize| mask[*i];
+        let conversations = self
+            .conversations
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| pick(i))
+            .map(|(_, c)| c)
+            .collect();
+        let locations = self
+            .locations
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| pick(i))
+            .map(|(_, l)| l)
+            .collect();
+        Ok(Chunk {
+            frame,
+            conversations,
+            locations,
+        })
+    }
+}
+
+pub trait ChunkSource {
+    fn next_chunk(&mut self) -> Result<Option<Chunk>, InputError>;
+
+    /// How much of the input has been read, from 0 to 1, when its size is known.
+    fn fraction_read(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// The default `--max-line-bytes`: far above any line the model could score (a conversation at its
+/// longest is a few MB of text), yet one runaway line cannot take the machine's memory.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 256 << 20;
+
+/// Opens `path` by its extension; `-` is JSONL on stdin.
+/// `skip_bad`: a bad row becomes an `Err` entry of its chunk (its columns null) instead of an error.
+/// `max_line_bytes`: a longer JSONL line is a bad row, read past without being held in memory.
+pub fn open(
+    path: &str,
+    names: &ColumnNames,
+    chunk_rows: usize,
+    skip_bad: bool,
+    max_line_bytes: usize,
+) -> Result<Box<dyn ChunkSource + Send>, InputError> {
+    if path == "-" {
+        let stdin = BufReader::new(std::io::stdin());
+        let mut source = JsonlSource::new(stdin, "<stdin>", names, chunk_rows);
+        source.skip_bad = skip_bad;
+        source.max_line_bytes = max_line_bytes;
+        return Ok(Box::new(source));
+    }
+    let file =
+        File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
+    match Format::of(path) {
+        Some(Format::Jsonl) => {
+            let mut source = JsonlSource::open_file(file, path, names, chunk_rows, max_line_bytes)?;
+            source.skip_bad = skip_bad;
+            Ok(Box::new(source))
+        }
+        Some(Format::Parquet) => {
+            let mut source = ParquetSource::new(file, path, names, chunk_rows)?;
+            source.skip_bad = skip_bad;
+            Ok(Box::new(source))
+        }
+        None => Err(InputError::new(
+            path,
+            None,
+            "unknown input format: expected .jsonl, .ndjson or .parquet (or - for JSONL on stdin)",
+        )),
+    }
+}
+
+/// Checks a chunk's columns against `written`, the columns armorm adds: a clash is refused, naming the
+/// column, or with `rename` the input's column is kept as `input_NAME`.
+pub fn reserve_columns(
+    frame: &mut DataFrame,
+    written: &[&str],
+    rename: bool,
+    file: &str,
+) -> Result<(), InputError> {
+    for &name in written {
+        if frame.column(name).is_err() {
+            continue;
+        }
+        let kept = format!("input_{name}");
+        if !rename {
+            return Err(InputError::new(
+                file,
+                Some(name),
+                format!(
+                    "armorm writes a column of this name: rename or drop it in the input, or pass \
+                     --rename-input-columns to keep it as `{kept}`"
+                ),
+            ));
+        }
+        if frame.column(&kept).is_ok() {
+            return Err(InputError::new(
+                file,
+                Some(name),
+                format!("armorm writes a column of this name, and `{kept}` is taken too"),
+            ));
+        }
+        frame
+            .rename(name, kept.into())
+            .map_err(|e| InputError::new(file, Some(name), e))?;
+    }
+    Ok(())
+}
