@@ -85,17 +85,46 @@ pub struct TopK {
     pub attributes: Vec<String>,
 }
 
-/// What became of a row: `ok`, `truncated`, `too_long` or `error`, with the reason for the last two.
+/// What became of a row, as its `status` column says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Bad input: the reader or the tokenizer refused the row.
+    Error,
+    TooLong,
+    /// Scored after dropping the oldest prompt tokens (`--truncate prompt-left`).
+    Truncated,
+    /// The row alone did not fit in the device's memory.
+    Oom,
+    /// The model gave NaN or infinity for the row.
+    NonFinite,
+}
+
+impl Status {
+    /// The text of the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::TooLong => "too_long",
+            Status::Truncated => "truncated",
+            Status::Oom => "oom",
+            Status::NonFinite => "non_finite",
+        }
+    }
+}
+
+/// A row's status, with the reason when it has no scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowStatus {
-    pub status: &'static str,
+    pub status: Status,
     pub error: Option<String>,
 }
 
 impl RowStatus {
     pub fn ok() -> Self {
         Self {
-            status: "ok",
+            status: Status::Ok,
             error: None,
         }
     }
@@ -190,7 +219,10 @@ pub fn with_scores(
     if let Some(statuses) = statuses {
         columns.push(Column::new(
             "status".into(),
-            statuses.iter().map(|s| s.status).collect::<Vec<_>>(),
+            statuses
+                .iter()
+                .map(|s| s.status.as_str())
+                .collect::<Vec<_>>(),
         ));
         columns.push(Column::new(
             "error".into(),

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 
 use crate::encoder::Encoded;
 use crate::input::{self, Chunk, ChunkSource, InputError, Location};
-use crate::output::{self, OutputError, RowStatus, Sink, TopK};
-use crate::scorer::{RowScore, ScoreError, Scorer};
+use crate::output::{self, OutputError, RowStatus, Sink, Status, TopK};
+use crate::scorer::{RowFailure, RowScore, ScoreError, Scorer};
 use crate::shard::Shard;
 use crate::signal::{self, Interrupted};
 
@@ -47,6 +47,15 @@ pub enum PipelineError {
 
 /// An input to open when the reader reaches it.
 pub type Opener = Box<dyn FnOnce() -> Result<Box<dyn ChunkSource + Send>, InputError> + Send>;
+
+/// One input of a run.
+pub struct InputSource {
+    /// For errors.
+    pub name: String,
+    /// Its part of the total input size, from 0 to 1, for progress.
+    pub share: f64,
+    pub open: Opener,
+}
 
 /// Counts for progress and the final summary.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -87,7 +96,8 @@ pub trait Observer {
     fn written(&self, stats: &Stats, input_fraction: Option<f64>);
 }
 
-struct Encoded_ {
+/// A window read and tokenized, on its way to the model.
+struct EncodedWindow {
     /// The window's place in the output.
     seq: usize,
     chunk: Chunk,
@@ -97,6 +107,7 @@ struct Encoded_ {
     fraction: Option<f64>,
 }
 
+/// A window scored, on its way to the writer.
 struct Scored {
     seq: usize,
     frame: DataFrame,
@@ -108,8 +119,6 @@ struct Scored {
     fraction: Option<f64>,
 }
 
-/// Runs the whole dataset through `scorer` into `sink`. `inputs` pairs each opener with its name (for
-/// errors) and its share of the total input size (for progress).
 /// What to add to the rows and which rows to take.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -132,8 +141,9 @@ impl Options {
     }
 }
 
+/// Runs the whole dataset, input after input, through `scorer` into `sink`.
 pub fn run(
-    inputs: Vec<(String, f64, Opener)>,
+    inputs: Vec<InputSource>,
     scorer: &Scorer,
     sink: Box<dyn Sink + Send>,
     options: Options,
@@ -155,7 +165,7 @@ pub fn run(
         ..
     } = options;
     let start = Instant::now();
-    let (enc_tx, enc_rx) = sync_channel::<Result<Encoded_, PipelineError>>(QUEUE);
+    let (enc_tx, enc_rx) = sync_channel::<Result<EncodedWindow, PipelineError>>(QUEUE);
     let (out_tx, out_rx) = sync_channel::<Option<Scored>>(QUEUE);
     let stop = AtomicBool::new(false);
     // The input's columns, known from its first window even when no row of it is kept (a shard).
@@ -223,19 +233,19 @@ pub fn run(
 }
 
 fn read_and_encode(
-    inputs: Vec<(String, f64, Opener)>,
+    inputs: Vec<InputSource>,
     scorer: &Scorer,
     select: Selection,
     policy: Policy,
     reserved: Reserved,
     input_schema: &OnceLock<Schema>,
-    tx: SyncSender<Result<Encoded_, PipelineError>>,
+    tx: SyncSender<Result<EncodedWindow, PipelineError>>,
 ) -> Result<(), PipelineError> {
     let mut window = 0usize;
     let mut done_share = 0.0;
     // Rows counted from 0 across all inputs: the key of the shard assignment.
     let mut next_row = 0usize;
-    for (name, share, open) in inputs {
+    for InputSource { name, share, open } in inputs {
         let mut source = match open() {
             Ok(s) => s,
             Err(e) => {
@@ -280,14 +290,15 @@ fn read_and_encode(
             if window <= select.skip_windows {
                 continue;
             }
-            let item = encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| Encoded_ {
-                seq: window,
-                chunk,
-                input: name.clone(),
-                encoded,
-                statuses,
-                fraction,
-            });
+            let item =
+                encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| EncodedWindow {
+                    seq: window,
+                    chunk,
+                    input: name.clone(),
+                    encoded,
+                    statuses,
+                    fraction,
+                });
             let failed = item.is_err();
             // A closed channel means the model stage stopped: its error is reported there.
             if tx.send(item).is_err() || failed {
@@ -342,11 +353,11 @@ fn encode_chunk(
         .map(|row| {
             let error = |status, e: String| RowStatus { status, error: Some(e) };
             // A row the reader could not take has null input columns: the error says where it was.
-            let messages = row.as_ref().map_err(|e| error("error", e.to_string()))?;
+            let messages = row.as_ref().map_err(|e| error(Status::Error, e.to_string()))?;
             if let Some(e) = certainly_too_long(scorer, messages, policy.truncate) {
-                return Err(error("too_long", e));
+                return Err(error(Status::TooLong, e));
             }
-            let enc = scorer.encoder().encode(messages).map_err(|e| error("error", e))?;
+            let enc = scorer.encoder().encode(messages).map_err(|e| error(Status::Error, e))?;
             if enc.ids.len() <= max {
                 return Ok((enc, RowStatus::ok()));
             }
@@ -356,8 +367,8 @@ fn encode_chunk(
                 enc.ids.len()
             );
             match policy.truncate.then(|| scorer.encoder().truncate_prompt_left(&enc, max)).flatten() {
-                Some(t) => Ok((t, RowStatus { status: "truncated", error: None })),
-                None => Err(error("too_long", too_long)),
+                Some(t) => Ok((t, RowStatus { status: Status::Truncated, error: None })),
+                None => Err(error(Status::TooLong, too_long)),
             }
         })
         .collect();
@@ -413,7 +424,7 @@ fn certainly_too_long(
 }
 
 fn score_windows(
-    rx: &Mutex<Receiver<Result<Encoded_, PipelineError>>>,
+    rx: &Mutex<Receiver<Result<EncodedWindow, PipelineError>>>,
     scorer: &Scorer,
     model: usize,
     tx: SyncSender<Option<Scored>>,
@@ -456,12 +467,12 @@ fn score_windows(
 /// Scores one window; a row the model could not score (out of memory alone, not finite) stops the run,
 /// or under `skip_bad` gets its status.
 fn score_window(
-    item: Result<Encoded_, PipelineError>,
+    item: Result<EncodedWindow, PipelineError>,
     scorer: &Scorer,
     model: usize,
     skip_bad: bool,
 ) -> Result<Scored, PipelineError> {
-    let Encoded_ {
+    let EncodedWindow {
         seq,
         chunk,
         input,
@@ -489,7 +500,10 @@ fn score_window(
             Ok(s) => scores[i] = Some(s),
             Err(failure) if skip_bad => {
                 statuses[i] = RowStatus {
-                    status: failure.status(),
+                    status: match failure {
+                        RowFailure::OutOfMemory { .. } => Status::Oom,
+                        RowFailure::NonFinite { .. } => Status::NonFinite,
+                    },
                     error: Some(failure.to_string()),
                 }
             }

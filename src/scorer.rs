@@ -31,16 +31,6 @@ pub enum RowFailure {
     NonFinite { field: &'static str },
 }
 
-impl RowFailure {
-    /// The row's `status` under `--on-error skip`.
-    pub fn status(&self) -> &'static str {
-        match self {
-            RowFailure::OutOfMemory { .. } => "oom",
-            RowFailure::NonFinite { .. } => "non_finite",
-        }
-    }
-}
-
 /// A row's outputs, or why it has none.
 pub type RowResult = Result<RowScore, RowFailure>;
 

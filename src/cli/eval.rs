@@ -228,10 +228,12 @@ fn per_pair(
 ) -> Result<DataFrame> {
     let list = |name: &str, pick: fn(&(usize, usize)) -> usize| -> Column {
         let n = sides.len();
+        // Each side's rewards hold one value per objective of the model that scored them.
+        let objectives = rewards.first().map_or(0, Vec::len);
         let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(
             name.into(),
             n,
-            n * 19,
+            n * objectives,
             DataType::Float32,
         );
         for s in sides {

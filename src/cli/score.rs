@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use armorm::checkpoint::{self, input_fingerprint, Checkpoint, Earlier};
 use armorm::input;
 use armorm::output::{self, Target, TopK};
-use armorm::pipeline::{self, Opener, Options, PipelineError};
+use armorm::pipeline::{self, InputSource, Opener, Options, PipelineError};
 use armorm::shard::Shard;
 
 use super::progress::Progress;
@@ -276,7 +276,7 @@ impl Job<'_> {
     }
 
     /// Each input's opener, with its share of the total size for progress.
-    fn openers(&self) -> Vec<(String, f64, Opener)> {
+    fn openers(&self) -> Vec<InputSource> {
         let sizes: Vec<Option<u64>> = self.inputs.iter().map(|p| file_size(p)).collect();
         let total: u64 = sizes.iter().flatten().sum();
         self.inputs
@@ -291,7 +291,11 @@ impl Job<'_> {
                 let (skip, max_line) = (self.skip_bad, self.columns.max_line_bytes as usize);
                 let open: Opener =
                     Box::new(move || input::open(&p, &names, window, skip, max_line));
-                (path.clone(), share, open)
+                InputSource {
+                    name: path.clone(),
+                    share,
+                    open,
+                }
             })
             .collect()
     }

@@ -1,4 +1,5 @@
-//! The Llama-3 backbone (transformers' `LlamaModel`): hidden states of a right-padded batch.
+//! The Llama-3 backbone (transformers' `LlamaModel`) over a flat batch: rows laid end to end, padded
+//! only inside attention, and hidden states returned at the picked tokens alone (last token, gate).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -212,7 +213,6 @@ impl DecoderLayer {
         })
     }
 
-    /// (n, h) -> (n, h)
     /// (n, h) -> (n, h). The residual stream `xs` stays f32; each block computes in `lay.dtype`.
     /// In bf16 this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
     fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
