@@ -1,5 +1,10 @@
 //! Length-bucketed batching: rows sorted by length, cut into batches whose padded size (rows × longest
 //! row) fits a token budget, at the cuts that waste the least compute on padding.
+//!
+//! The rest of the batching policy lives elsewhere: the window (the rows batched together) is
+//! `--window-rows` (`cli/score.rs`), read in windows by `pipeline`; the budget is `--max-batch-tokens`
+//! (`cli/mod.rs`), shared among lanes (`Scorer::with_lanes`) and lowered when a batch runs out of
+//! memory and is split in two (`Scorer::score_rows`), both in `scorer.rs`.
 
 /// What one extra forward pass costs, in padded tokens: the fixed work of a pass (kernel launches,
 /// per-batch tensors) that makes many tiny batches worse than a little padding.

@@ -1,7 +1,22 @@
 //! armorm: batch scoring with the ArmoRM multi-objective reward model on candle.
 //!
-//! The library holds the model (pure tensor math), the chat template and tokenizer step, batching,
-//! and the dataset readers and writers; the `armorm` binary wires them into subcommands.
+//! The layers, from the tensors up:
+//! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
+//!   `rope`), built from a checkpoint by `loader`.
+//! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
+//!   (length-bucketed batches under a token budget), `scorer` (runs batches on the model: lanes,
+//!   out-of-memory split), `pipeline` (read, tokenize, score and write windows on threads), with
+//!   `shard` and `signal` (stop at a window boundary).
+//! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows to
+//!   conversations), `output` (score columns, sinks), `checkpoint` (resumable part files),
+//!   `parquet_out`, `table` (whole scored tables for the commands after scoring).
+//! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`
+//!   and `select` (filter, best-of-n).
+//!
+//! To add an input format: `format.rs` (its extensions), a reader in `input/` and its arm in
+//! `input::open`; `table::read` if the commands after scoring should read it too. To add an output
+//! column: `output.rs` (`SCORE_COLUMNS` and `with_scores`). To add a command: a file in `src/cli/`
+//! and its variant in `cli/mod.rs`'s `Command`.
 
 // Links MKL's static libraries into whatever uses the library, as candle's examples do.
 #[cfg(feature = "mkl")]
