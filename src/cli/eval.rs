@@ -180,6 +180,10 @@ type Lists = Vec<Vec<f32>>;
 fn score_unique(label: &str, unique: Vec<MemoryRow>, args: &EvalArgs) -> Result<(Lists, Lists)> {
     let job = Job::new(&args.model, Reading::default(), &args.run);
     let scored = job.score_rows(label, unique)?;
+    // No pair, no frame: nothing to read back.
+    if scored.height() == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let rewards = table::f32_lists(&scored, "rewards").map_err(|m| anyhow!(m))?;
     let coefficients = table::f32_lists(&scored, "coefficients").map_err(|m| anyhow!(m))?;
     Ok((rewards, coefficients))

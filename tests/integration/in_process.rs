@@ -34,6 +34,10 @@ fn eval_and_explain_need_no_temporary_file() {
     let out = without_tmpdir(&["eval", "-", "--model", m, "-o", "-", "-q"], &pairs);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 8);
+    // No pair at all: nothing to score, an empty summary.
+    let out = without_tmpdir(&["eval", "-", "--model", m, "-q"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(0 of 0 pairs;"));
 
     // Raw data on stdin, scored in memory, gives what the same file gives.
     let input = fixtures().join("conversations.jsonl");
