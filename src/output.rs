@@ -306,6 +306,39 @@ pub fn open(
     }
 }
 
+/// Scored frames kept in memory, for the commands that use the scores themselves (eval, explain).
+/// A clone reads what the pipeline's copy wrote.
+#[derive(Clone, Default)]
+pub struct MemorySink(std::sync::Arc<std::sync::Mutex<Vec<DataFrame>>>);
+
+impl MemorySink {
+    /// Every frame written, one after another (empty when none was).
+    pub fn frame(&self) -> Result<DataFrame, OutputError> {
+        let frames = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = DataFrame::empty();
+        for f in frames.iter() {
+            if all.width() == 0 {
+                all = f.clone();
+            } else {
+                all.vstack_mut(f)?;
+            }
+        }
+        Ok(all)
+    }
+}
+
+impl Sink for MemorySink {
+    fn write(&mut self, frame: &mut DataFrame) -> Result<(), OutputError> {
+        let mut frames = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        frames.push(frame.clone());
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), OutputError> {
+        Ok(())
+    }
+}
+
 /// A hidden temporary file beside `path`: deleted if the run fails, renamed over `path` when it ends well.
 fn staging(path: &Path) -> Result<(NamedTempFile, File), OutputError> {
     let dir = match path.parent() {

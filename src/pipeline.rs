@@ -124,20 +124,17 @@ struct Scored {
 pub struct Options {
     pub top: Option<TopK>,
     pub shard: Option<Shard>,
-    /// Keep bad rows (null scores, `status` and `error` columns) instead of stopping at the first.
-    pub skip_bad: bool,
-    /// Drop the oldest prompt tokens of rows over the length limit instead of refusing them.
-    pub truncate_prompt_left: bool,
+    pub policy: Policy,
     /// Windows already written by an interrupted run (`--resume`): read again, not scored.
     pub skip_windows: usize,
     /// Keep an input column named like one armorm writes as `input_NAME` instead of refusing the input.
     pub rename_input_columns: bool,
 }
 
-impl Options {
+impl Policy {
     /// Whether the output gets `status` and `error` columns.
     pub fn status_columns(&self) -> bool {
-        self.skip_bad || self.truncate_prompt_left
+        self.skip_bad || self.truncate
     }
 }
 
@@ -149,11 +146,7 @@ pub fn run(
     options: Options,
     observer: &(dyn Observer + Sync),
 ) -> Result<Stats, PipelineError> {
-    let status_columns = options.status_columns();
-    let policy = Policy {
-        skip_bad: options.skip_bad,
-        truncate: options.truncate_prompt_left,
-    };
+    let status_columns = options.policy.status_columns();
     let reserved = Reserved {
         names: output::written_columns(status_columns, options.top.is_some()),
         rename: options.rename_input_columns,
@@ -161,6 +154,7 @@ pub fn run(
     let Options {
         top,
         shard,
+        policy,
         skip_windows,
         ..
     } = options;
@@ -333,10 +327,12 @@ impl Reserved {
 }
 
 /// How rows that cannot be scored as they are are handled.
-#[derive(Debug, Clone, Copy)]
-struct Policy {
-    skip_bad: bool,
-    truncate: bool,
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Keep bad rows (null scores, `status` and `error` columns) instead of stopping at the first.
+    pub skip_bad: bool,
+    /// Drop the oldest prompt tokens of rows over the length limit instead of refusing them.
+    pub truncate: bool,
 }
 
 /// Tokenizes a window on all worker threads; under `skip_bad` a row that cannot be scored gets a status,

@@ -69,13 +69,20 @@ pub fn read(path: &str) -> Result<Table, InputError> {
             ))
         }
     };
-    let width = list_width(&frame, "coefficients").or_else(|| list_width(&frame, "rewards"));
-    let attributes = match (meta_attrs, width) {
-        (Some(a), Some(w)) if a.len() == w => a,
-        (_, Some(w)) => crate::attribute_names(w),
-        (a, None) => a.unwrap_or_default(),
-    };
-    Ok(Table { frame, attributes })
+    Ok(Table::new(frame, meta_attrs))
+}
+
+impl Table {
+    /// `frame` with the names its files say (`armorm.attributes`), when they match its lists.
+    pub fn new(frame: DataFrame, meta_attrs: Option<Vec<String>>) -> Table {
+        let width = list_width(&frame, "coefficients").or_else(|| list_width(&frame, "rewards"));
+        let attributes = match (meta_attrs, width) {
+            (Some(a), Some(w)) if a.len() == w => a,
+            (_, Some(w)) => crate::attribute_names(w),
+            (a, None) => a.unwrap_or_default(),
+        };
+        Table { frame, attributes }
+    }
 }
 
 fn list_width(frame: &DataFrame, name: &str) -> Option<usize> {

@@ -4,6 +4,7 @@ use anyhow::{anyhow, Result};
 use clap::Args;
 use polars::prelude::*;
 
+use armorm::input::{PROMPT_COLUMN, RESPONSE_COLUMN};
 use armorm::output::Target;
 use armorm::{select, table};
 
@@ -13,10 +14,10 @@ pub struct BestOfNArgs {
     #[arg(default_value = "-")]
     input: String,
     /// The column whose equal values make a group (the prompt).
-    #[arg(long, default_value = "prompt")]
+    #[arg(long, default_value = PROMPT_COLUMN)]
     group: String,
     /// The column holding each candidate (used for `chosen`/`rejected` with --pairs).
-    #[arg(long, default_value = "response")]
+    #[arg(long, default_value = RESPONSE_COLUMN)]
     response_column: String,
     /// Emit one DPO pair per group: chosen = best, rejected = worst, with their scores and margin.
     /// Groups of a single row have no pair and are left out.
@@ -30,11 +31,7 @@ pub struct BestOfNArgs {
 pub fn run(args: BestOfNArgs) -> Result<()> {
     let target = Target::parse(&args.output)?;
     let t = table::read(&args.input)?;
-    let label = if args.input == "-" {
-        "<stdin>"
-    } else {
-        args.input.as_str()
-    };
+    let label = armorm::input::label(&args.input);
     let frame = t.frame;
     let scores = table::f32_column(&frame, "score").map_err(|m| anyhow!("{label}: {m}"))?;
     let key_col = frame.column(&args.group).map_err(|_| {

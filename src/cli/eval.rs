@@ -9,12 +9,13 @@ use polars::prelude::*;
 
 use armorm::chat::Message;
 use armorm::format::Format;
+use armorm::input::{self, InputError, Location, MemoryRow, PROMPT_COLUMN};
 use armorm::output::Target;
 use armorm::pairwise::{self, Summary};
 use armorm::table;
 
 use super::score::Job;
-use super::{ColumnArgs, ModelArgs, RunArgs};
+use super::{ModelArgs, Reading, RunArgs};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -28,7 +29,7 @@ pub struct EvalArgs {
     /// Also write the summary as JSON here.
     #[arg(long)]
     summary: Option<String>,
-    #[arg(long, default_value = "prompt")]
+    #[arg(long, default_value = PROMPT_COLUMN)]
     prompt_column: String,
     #[arg(long, default_value = "chosen")]
     chosen_column: String,
@@ -43,26 +44,27 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let label = if args.input == "-" {
-        "<stdin>"
-    } else {
-        args.input.as_str()
-    };
+    let label = input::label(&args.input);
     // Anything but Parquet is read as JSONL here, whatever its extension.
     let parquet = Format::of(&args.input) == Some(Format::Parquet);
-    let locate = |i: usize, field: Option<String>, m: String| {
-        let at = if parquet {
-            format!("row {}", i + 1)
-        } else {
-            format!("line {}", i + 1)
-        };
-        match field {
-            Some(f) => anyhow!("{label}: {at}: field `{f}`: {m}"),
-            None => anyhow!("{label}: {at}: {m}"),
-        }
+    let file = label.to_string();
+    let place = |i: usize| match parquet {
+        true => Location::Row {
+            file: file.clone(),
+            row: i + 1,
+        },
+        false => Location::Line {
+            file: file.clone(),
+            line: i + 1,
+        },
     };
+    let locate =
+        |i: usize, f: Option<String>, m: String| InputError::new(place(i), f.as_deref(), m);
+    // Each pair's row or line, for errors about its conversations.
+    let mut places = Vec::new();
     let (frame, pairs) = if parquet {
         let frame = table::read(&args.input)?.frame;
+        places.extend((0..frame.height()).map(place));
         let pairs = (0..frame.height())
             .map(|i| {
                 pairwise::pair_conversations(
@@ -74,7 +76,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 )
                 .map_err(|(f, m)| locate(i, f, m))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         (frame, pairs)
     } else {
         // JSON rows one by one: a field may be a string on one line and a message list on the next.
@@ -97,24 +99,30 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 )
                 .map_err(|(f, m)| locate(i, f, m))?,
             );
+            places.push(place(i));
         }
         (table::jsonl_frame(label, bytes)?, pairs)
     };
     // Each distinct conversation is scored once: shared prompts and identical answers cost nothing twice.
-    let mut unique: Vec<&Vec<Message>> = Vec::new();
+    // Each is named in errors by the first pair that has it.
+    let mut unique: Vec<MemoryRow> = Vec::new();
     let mut index: HashMap<&Vec<Message>, usize> = HashMap::new();
     let mut sides = Vec::with_capacity(pairs.len());
-    for (c, r) in &pairs {
+    for ((c, r), place) in pairs.iter().zip(&places) {
         let mut ids = [0usize; 2];
         for (slot, conv) in [c, r].into_iter().enumerate() {
             ids[slot] = *index.entry(conv).or_insert_with(|| {
-                unique.push(conv);
+                unique.push(MemoryRow {
+                    id: unique.len() as u64,
+                    location: place.clone(),
+                    messages: conv.clone(),
+                });
                 unique.len() - 1
             });
         }
         sides.push((ids[0], ids[1]));
     }
-    let (rewards, coefficients) = score_unique(&unique, &args)?;
+    let (rewards, coefficients) = score_unique(label, unique, &args)?;
 
     let mut score_c = Vec::with_capacity(pairs.len());
     let mut score_r = Vec::with_capacity(pairs.len());
@@ -169,37 +177,15 @@ fn dot(r: &[f32], c: &[f32]) -> f32 {
 
 type Lists = Vec<Vec<f32>>;
 
-fn score_unique(unique: &[&Vec<Message>], args: &EvalArgs) -> Result<(Lists, Lists)> {
-    let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let input = dir.path().join("conversations.jsonl");
-    let mut text = String::new();
-    for conv in unique {
-        text.push_str(&serde_json::to_string(
-            &serde_json::json!({ "messages": conv }),
-        )?);
-        text.push('\n');
+fn score_unique(label: &str, unique: Vec<MemoryRow>, args: &EvalArgs) -> Result<(Lists, Lists)> {
+    let job = Job::new(&args.model, Reading::default(), &args.run);
+    let scored = job.score_rows(label, unique)?;
+    // No pair, no frame: nothing to read back.
+    if scored.height() == 0 {
+        return Ok((Vec::new(), Vec::new()));
     }
-    std::fs::write(&input, text)?;
-    let scored = dir.path().join("scored.parquet");
-    let inputs = [input.display().to_string()];
-    let columns = ColumnArgs::default_names();
-    let job = Job {
-        inputs: &inputs,
-        window_rows: 4096,
-        top_k: None,
-        shard: None,
-        skip_bad: false,
-        truncate: false,
-        resume: false,
-        overwrite: false,
-        model: &args.model,
-        columns: &columns,
-        run: &args.run,
-    };
-    job.score_into(&Target::parse(&scored.display().to_string())?)?;
-    let t = table::read(&scored.display().to_string())?;
-    let rewards = table::f32_lists(&t.frame, "rewards").map_err(|m| anyhow!(m))?;
-    let coefficients = table::f32_lists(&t.frame, "coefficients").map_err(|m| anyhow!(m))?;
+    let rewards = table::f32_lists(&scored, "rewards").map_err(|m| anyhow!(m))?;
+    let coefficients = table::f32_lists(&scored, "coefficients").map_err(|m| anyhow!(m))?;
     Ok((rewards, coefficients))
 }
 

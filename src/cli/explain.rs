@@ -7,7 +7,9 @@ use clap::{Args, ValueEnum};
 use polars::prelude::*;
 
 use armorm::explain::{display_reward, top_k};
+use armorm::input::{ChunkSource, JsonlSource, STDIN};
 use armorm::output::Target;
+use armorm::pipeline::{InputSource, Opener};
 use armorm::table::{self, Table};
 
 use super::score::Job;
@@ -73,47 +75,43 @@ pub fn run(args: ExplainArgs) -> Result<()> {
 
 /// The input as a scored table: read as is when it has `coefficients`, else scored with the model.
 fn scored_table(args: &ExplainArgs) -> Result<Table> {
-    let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    // stdin can be read once: keep it in a file so that raw data can be scored after the look.
-    let input = if args.input == "-" {
-        let path = dir.path().join("stdin.jsonl");
+    let job = Job::new(&args.model, args.columns.reading(), &args.run);
+    // stdin can be read once: keep its bytes so that raw data can be scored after the look.
+    let (table, mut input) = if args.input == "-" {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
-        std::fs::write(&path, bytes).context("buffering stdin")?;
-        path.display().to_string()
+        let table = Table::new(table::jsonl_frame(STDIN, bytes.clone())?, None);
+        (table, vec![stdin_source(bytes.into(), &job)])
     } else {
-        args.input.clone()
+        (
+            table::read(&args.input)?,
+            job.openers(std::slice::from_ref(&args.input)),
+        )
     };
-    let table = table::read(&input).map_err(|e| relabel(e, &input, &args.input))?;
-    if table.frame.column("coefficients").is_ok() || table.frame.height() == 0 {
-        return Ok(table);
+    match input.pop() {
+        Some(input) if table.frame.column("coefficients").is_err() && table.frame.height() > 0 => {
+            Ok(Table::new(job.score_to_memory(input)?, None))
+        }
+        _ => Ok(table),
     }
-    let scored = dir.path().join("scored.parquet");
-    let inputs = [input.clone()];
-    let job = Job {
-        inputs: &inputs,
-        window_rows: 4096,
-        top_k: None,
-        shard: None,
-        skip_bad: false,
-        truncate: false,
-        resume: false,
-        overwrite: false,
-        model: &args.model,
-        columns: &args.columns,
-        run: &args.run,
-    };
-    job.score_into(&Target::parse(&scored.display().to_string())?)
-        .map_err(|e| anyhow!("{}", format!("{e:#}").replace(&input, &args.input)))?;
-    Ok(table::read(&scored.display().to_string())?)
 }
 
-fn relabel(e: armorm::input::InputError, from: &str, to: &str) -> anyhow::Error {
-    anyhow!(
-        "{}",
-        e.to_string()
-            .replace(from, if to == "-" { "<stdin>" } else { to })
-    )
+/// stdin's bytes, read as a JSONL file is (columns read ahead), as `armorm score FILE` reads it.
+fn stdin_source(bytes: std::sync::Arc<[u8]>, job: &Job) -> InputSource {
+    let (names, window, max_line) = (
+        job.reading.names.clone(),
+        job.window_rows,
+        job.reading.max_line_bytes,
+    );
+    let open: Opener = Box::new(move || {
+        let source = JsonlSource::from_bytes(bytes, STDIN, &names, window, max_line)?;
+        Ok(Box::new(source) as Box<dyn ChunkSource + Send>)
+    });
+    InputSource {
+        name: STDIN.into(),
+        share: 1.0,
+        open,
+    }
 }
 
 /// id (when the input has one), score, and the top-K attributes with coefficient and reward.

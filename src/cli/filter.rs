@@ -38,11 +38,7 @@ pub fn run(args: FilterArgs) -> Result<()> {
     }
     let target = Target::parse(&args.output)?;
     let t = table::read(&args.input)?;
-    let label = if args.input == "-" {
-        "<stdin>"
-    } else {
-        args.input.as_str()
-    };
+    let label = armorm::input::label(&args.input);
     let mut frame = t.frame;
     if let Some(cond) = &args.condition {
         let rewards = table::f32_lists(&frame, "rewards").map_err(|m| anyhow!("{label}: {m}"))?;

@@ -10,7 +10,9 @@ pub mod score;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use armorm::input::{ColumnNames, DEFAULT_MAX_LINE_BYTES};
+use armorm::input::{
+    ColumnNames, DEFAULT_MAX_LINE_BYTES, MESSAGES_COLUMN, PROMPT_COLUMN, RESPONSE_COLUMN,
+};
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
 use armorm::model::ArmoRMConfig;
 use armorm::scorer::Scorer;
@@ -202,12 +204,12 @@ impl RunArgs {
 /// The columns that hold each row's conversation.
 #[derive(Args)]
 pub struct ColumnArgs {
-    #[arg(long, default_value = "prompt")]
+    #[arg(long, default_value = PROMPT_COLUMN)]
     prompt_column: String,
-    #[arg(long, default_value = "response")]
+    #[arg(long, default_value = RESPONSE_COLUMN)]
     response_column: String,
     /// A list of {role, content}; used instead of prompt/response when present.
-    #[arg(long, default_value = "messages")]
+    #[arg(long, default_value = MESSAGES_COLUMN)]
     messages_column: String,
     /// Longest JSONL line read, in bytes: a longer line is bad input (status `error` under
     /// --on-error skip), read past without being held in memory.
@@ -219,23 +221,51 @@ pub struct ColumnArgs {
     rename_input_columns: bool,
 }
 
-impl ColumnArgs {
-    /// prompt / response / messages, for conversations armorm lays out itself.
-    pub fn default_names() -> Self {
+/// How a run reads its inputs, built from `ColumnArgs`; the default is the flags' defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub names: ColumnNames,
+    pub max_line_bytes: usize,
+    pub rename_input_columns: bool,
+}
+
+impl Default for Reading {
+    fn default() -> Self {
         Self {
-            prompt_column: "prompt".into(),
-            response_column: "response".into(),
-            messages_column: "messages".into(),
-            max_line_bytes: DEFAULT_MAX_LINE_BYTES as u64,
+            names: ColumnNames::default(),
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             rename_input_columns: false,
         }
     }
+}
 
-    pub fn names(&self) -> ColumnNames {
-        ColumnNames {
-            prompt: self.prompt_column.clone(),
-            response: self.response_column.clone(),
-            messages: self.messages_column.clone(),
+impl ColumnArgs {
+    pub fn reading(&self) -> Reading {
+        Reading {
+            names: ColumnNames {
+                prompt: self.prompt_column.clone(),
+                response: self.response_column.clone(),
+                messages: self.messages_column.clone(),
+            },
+            max_line_bytes: self.max_line_bytes as usize,
+            rename_input_columns: self.rename_input_columns,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser)]
+    struct Columns {
+        #[command(flatten)]
+        columns: ColumnArgs,
+    }
+
+    #[test]
+    fn the_column_flags_default_to_the_default_reading() {
+        let parsed = Columns::try_parse_from(["armorm"]).unwrap();
+        assert_eq!(parsed.columns.reading(), Reading::default());
     }
 }

@@ -4,13 +4,17 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 
 use armorm::checkpoint::{self, input_fingerprint, Checkpoint, Earlier};
-use armorm::input;
-use armorm::output::{self, Target, TopK};
-use armorm::pipeline::{self, InputSource, Opener, Options, PipelineError};
+use armorm::input::{self, MemoryRow, MemorySource};
+use armorm::output::{self, MemorySink, Sink, Target, TopK};
+use armorm::pipeline::{self, InputSource, Opener, Options, PipelineError, Policy};
 use armorm::shard::Shard;
+use polars::prelude::DataFrame;
 
 use super::progress::Progress;
-use super::{ColumnArgs, Loaded, ModelArgs, RunArgs};
+use super::{ColumnArgs, Loaded, ModelArgs, Reading, RunArgs};
+
+/// `--window-rows`, also the window of the commands that score before their own work.
+const DEFAULT_WINDOW_ROWS: usize = 4096;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnError {
@@ -39,7 +43,7 @@ pub struct ScoreArgs {
     output: Option<String>,
     /// Rows read, tokenized, sorted by length and written together (one Parquet row group each):
     /// larger windows pad less, smaller ones hold less memory.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_WINDOW_ROWS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     window_rows: u64,
     /// Score only shard K of N (K from 0): rows i with i mod N = K, counted over all inputs. OUTPUT is
     /// then a directory that receives part-K-of-N.parquet. `auto` takes K and N from a Slurm job array
@@ -92,19 +96,22 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     };
     refuse_input_as_output(&target, &args.inputs)?;
     let job = Job {
-        inputs: &args.inputs,
         window_rows: args.window_rows as usize,
         top_k: args.top_k,
         shard,
-        skip_bad: args.on_error == OnError::Skip,
-        truncate: args.truncate == Truncate::PromptLeft,
-        resume: args.resume,
-        overwrite: args.overwrite,
-        model: &args.model,
-        columns: &args.columns,
-        run: &args.run,
+        policy: Policy {
+            skip_bad: args.on_error == OnError::Skip,
+            truncate: args.truncate == Truncate::PromptLeft,
+        },
+        earlier: match (args.resume, args.overwrite) {
+            (true, _) => Earlier::Resume,
+            (false, true) => Earlier::Overwrite,
+            (false, false) => Earlier::Keep,
+        },
+        ..Job::new(&args.model, args.columns.reading(), &args.run)
     };
-    job.score_into(&target).map_err(|e| resumable(e, &target))
+    job.score_files(&args.inputs, &target)
+        .map_err(|e| resumable(e, &target))
 }
 
 /// A run that stopped while scoring, after committing windows, says how to keep them.
@@ -164,48 +171,53 @@ fn shard_target(dir: Option<&str>, first_input: &str, shard: Shard) -> Result<Ta
     )?)
 }
 
-/// A scoring run, also used by the commands that score raw data before their own work.
+/// A scoring run as the command line built it (`armorm score`'s flags, or `Job::new`'s defaults for
+/// the commands that score before their own work); from here on only built values.
 pub struct Job<'a> {
-    pub inputs: &'a [String],
     pub window_rows: usize,
     pub top_k: Option<usize>,
     pub shard: Option<Shard>,
-    pub skip_bad: bool,
-    pub truncate: bool,
-    pub resume: bool,
-    /// Discard an interrupted run's parts instead of refusing to start.
-    pub overwrite: bool,
+    pub policy: Policy,
+    /// What to do with the parts an interrupted run of the same output left.
+    pub earlier: Earlier,
+    pub reading: Reading,
     pub model: &'a ModelArgs,
-    pub columns: &'a ColumnArgs,
     pub run: &'a RunArgs,
 }
 
-impl Job<'_> {
-    pub fn score_into(&self, target: &Target) -> Result<()> {
-        if self.resume && self.inputs.iter().any(|i| i == "-") {
+impl<'a> Job<'a> {
+    /// Every row scored whole, in windows of the default size, stopping at the first bad one.
+    pub fn new(model: &'a ModelArgs, reading: Reading, run: &'a RunArgs) -> Self {
+        Self {
+            window_rows: DEFAULT_WINDOW_ROWS,
+            top_k: None,
+            shard: None,
+            policy: Policy::default(),
+            earlier: Earlier::Keep,
+            reading,
+            model,
+            run,
+        }
+    }
+
+    /// `inputs` (paths, or `-`) scored into `target`.
+    pub fn score_files(&self, inputs: &[String], target: &Target) -> Result<()> {
+        let resume = self.earlier == Earlier::Resume;
+        if resume && inputs.iter().any(|i| i == "-") {
             return Err(anyhow!(
                 "--resume cannot check that stdin holds the same rows as the interrupted run: save \
                  the input to a file and score that"
             ));
         }
-        // Caught from here on: a stop keeps the committed windows (see armorm::signal).
-        let _signals = armorm::signal::Catch::install();
-        let devices = self.model.devices()?;
-        let lanes = self.run.apply_threads(devices.iter().all(|d| d.is_cpu()));
-        let loaded = self.model.load(&devices, lanes)?;
+        let (_signals, devices, loaded) = self.load()?;
         // Files go through a checkpoint (parts beside the target, joined at the end) so that a killed
         // run can be resumed; stdout streams directly.
-        let (sink, skip_windows): (Box<dyn output::Sink + Send>, usize) = match &target.path {
+        let (sink, skip_windows): (Box<dyn Sink + Send>, usize) = match &target.path {
             Some(_) => {
-                let earlier = match (self.resume, self.overwrite) {
-                    (true, _) => Earlier::Resume,
-                    (false, true) => Earlier::Overwrite,
-                    (false, false) => Earlier::Keep,
-                };
                 let (c, done) = Checkpoint::open(
                     target,
-                    &self.fingerprint(&loaded, &devices),
-                    earlier,
+                    &self.fingerprint(inputs, &loaded, &devices),
+                    self.earlier,
                     metadata(&loaded),
                 )?;
                 if done > 0 && !self.run.quiet {
@@ -213,14 +225,55 @@ impl Job<'_> {
                 }
                 (Box::new(c), done)
             }
-            None if self.resume => {
+            None if resume => {
                 return Err(anyhow!(
                     "--resume needs an output file (-o FILE), not stdout"
                 ))
             }
             None => (output::open(target, metadata(&loaded))?, 0),
         };
-        let progress = Progress::new(self.run.quiet, total_size(self.inputs));
+        let progress = Progress::new(self.run.quiet, total_size(inputs));
+        self.score(&loaded, self.openers(inputs), sink, skip_windows, &progress)
+    }
+
+    /// `rows` scored in this process: the input's frames with the score columns, in order.
+    pub fn score_rows(&self, name: &str, rows: Vec<MemoryRow>) -> Result<DataFrame> {
+        let window = self.window_rows;
+        let open: Opener = Box::new(move || Ok(Box::new(MemorySource::new(rows, window))));
+        self.score_to_memory(InputSource {
+            name: name.to_string(),
+            share: 1.0,
+            open,
+        })
+    }
+
+    /// One input scored in this process, its frames kept instead of written.
+    pub fn score_to_memory(&self, input: InputSource) -> Result<DataFrame> {
+        let (_signals, _, loaded) = self.load()?;
+        let sink = MemorySink::default();
+        let progress = Progress::new(self.run.quiet, true);
+        self.score(&loaded, vec![input], Box::new(sink.clone()), 0, &progress)?;
+        Ok(sink.frame()?)
+    }
+
+    /// The model on its devices, with signals caught from here on: a stop keeps the committed windows
+    /// (see armorm::signal).
+    fn load(&self) -> Result<(armorm::signal::Catch, Vec<candle_core::Device>, Loaded)> {
+        let signals = armorm::signal::Catch::install();
+        let devices = self.model.devices()?;
+        let lanes = self.run.apply_threads(devices.iter().all(|d| d.is_cpu()));
+        let loaded = self.model.load(&devices, lanes)?;
+        Ok((signals, devices, loaded))
+    }
+
+    fn score(
+        &self,
+        loaded: &Loaded,
+        inputs: Vec<InputSource>,
+        sink: Box<dyn Sink + Send>,
+        skip_windows: usize,
+        progress: &Progress,
+    ) -> Result<()> {
         let top = self.top_k.map(|k| TopK {
             k,
             attributes: armorm::attribute_names(loaded.config.num_objectives),
@@ -228,12 +281,11 @@ impl Job<'_> {
         let options = Options {
             top,
             shard: self.shard,
-            skip_bad: self.skip_bad,
-            truncate_prompt_left: self.truncate,
+            policy: self.policy,
             skip_windows,
-            rename_input_columns: self.columns.rename_input_columns,
+            rename_input_columns: self.reading.rename_input_columns,
         };
-        let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
+        let stats = pipeline::run(inputs, &loaded.scorer, sink, options, progress)?;
         progress.finish(&stats);
         if stats.skipped > 0 {
             return Err(RowsSkipped(stats.skipped).into());
@@ -243,7 +295,12 @@ impl Job<'_> {
 
     /// Everything that decides which rows go into which window and how they are scored: a resumed run
     /// must match the interrupted one on all of it.
-    fn fingerprint(&self, loaded: &Loaded, devices: &[candle_core::Device]) -> serde_json::Value {
+    fn fingerprint(
+        &self,
+        inputs: &[String],
+        loaded: &Loaded,
+        devices: &[candle_core::Device],
+    ) -> serde_json::Value {
         // The kind of device, not its number: cuda:0 and cuda:1 compute the same numbers.
         let mut kinds: Vec<&str> = devices
             .iter()
@@ -261,25 +318,25 @@ impl Job<'_> {
             "revision": loaded.files.revision,
             "dtype": format!("{:?}", loaded.dtype),
             "device": kinds,
-            "inputs": self.inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
-            "columns": [&self.columns.prompt_column, &self.columns.response_column, &self.columns.messages_column],
-            "max_line_bytes": self.columns.max_line_bytes,
-            "rename_input_columns": self.columns.rename_input_columns,
+            "inputs": inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
+            "columns": [&self.reading.names.prompt, &self.reading.names.response, &self.reading.names.messages],
+            "max_line_bytes": self.reading.max_line_bytes,
+            "rename_input_columns": self.reading.rename_input_columns,
             "window_rows": self.window_rows,
             "max_batch_tokens": self.model.max_batch_tokens,
             "max_length": loaded.scorer.max_length(),
             "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
             "top_k": self.top_k,
-            "skip_bad": self.skip_bad,
-            "truncate": self.truncate,
+            "skip_bad": self.policy.skip_bad,
+            "truncate": self.policy.truncate,
         })
     }
 
     /// Each input's opener, with its share of the total size for progress.
-    fn openers(&self) -> Vec<InputSource> {
-        let sizes: Vec<Option<u64>> = self.inputs.iter().map(|p| file_size(p)).collect();
+    pub fn openers(&self, inputs: &[String]) -> Vec<InputSource> {
+        let sizes: Vec<Option<u64>> = inputs.iter().map(|p| file_size(p)).collect();
         let total: u64 = sizes.iter().flatten().sum();
-        self.inputs
+        inputs
             .iter()
             .zip(sizes)
             .map(|(path, size)| {
@@ -287,8 +344,9 @@ impl Job<'_> {
                     (Some(s), t) if t > 0 => s as f64 / t as f64,
                     _ => 0.0,
                 };
-                let (p, names, window) = (path.clone(), self.columns.names(), self.window_rows);
-                let (skip, max_line) = (self.skip_bad, self.columns.max_line_bytes as usize);
+                let (p, names, window) =
+                    (path.clone(), self.reading.names.clone(), self.window_rows);
+                let (skip, max_line) = (self.policy.skip_bad, self.reading.max_line_bytes);
                 let open: Opener =
                     Box::new(move || input::open(&p, &names, window, skip, max_line));
                 InputSource {

@@ -77,17 +77,54 @@ impl JsonlSource<BufReader<File>> {
         max_line_bytes: usize,
     ) -> Result<Self, InputError> {
         let size = file.metadata().map(|m| m.len()).ok();
-        let mut source = Self::new(BufReader::new(file), path, names, chunk_rows);
-        if let Some(schema) = read_ahead_schema(path, chunk_rows, max_line_bytes)? {
-            source.schema = Some(Arc::new(schema));
-            source.schema_from = format!(
+        let probe = File::open(path)
+            .map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
+        Self::new(BufReader::new(file), path, names, chunk_rows).read_ahead(
+            BufReader::new(probe),
+            size,
+            max_line_bytes,
+        )
+    }
+}
+
+impl JsonlSource<Cursor<Arc<[u8]>>> {
+    /// JSONL held in memory (stdin read whole), read as a file is: its columns read ahead.
+    pub fn from_bytes(
+        bytes: Arc<[u8]>,
+        name: &str,
+        names: &ColumnNames,
+        chunk_rows: usize,
+        max_line_bytes: usize,
+    ) -> Result<Self, InputError> {
+        let size = Some(bytes.len() as u64);
+        let probe = Cursor::new(Arc::clone(&bytes));
+        Self::new(Cursor::new(bytes), name, names, chunk_rows).read_ahead(
+            probe,
+            size,
+            max_line_bytes,
+        )
+    }
+}
+
+impl<R: BufRead> JsonlSource<R> {
+    /// The columns of the whole input, from `probe` (a second reader of the same bytes).
+    fn read_ahead(
+        mut self,
+        probe: impl BufRead,
+        size: Option<u64>,
+        max_line_bytes: usize,
+    ) -> Result<Self, InputError> {
+        let schema = read_ahead_schema(probe, &self.file, self.chunk_rows, max_line_bytes)?;
+        if let Some(schema) = schema {
+            self.schema = Some(Arc::new(schema));
+            self.schema_from = format!(
                 "reading the file ahead (its first window, widened by up to {MAX_WIDENINGS} later \
                  lines with new keys or types)"
             );
         }
-        source.total_bytes = size;
-        source.max_line_bytes = max_line_bytes;
-        Ok(source)
+        self.total_bytes = size;
+        self.max_line_bytes = max_line_bytes;
+        Ok(self)
     }
 }
 
@@ -370,13 +407,12 @@ const MAX_WIDENINGS: usize = 256;
 /// rather than refused. Lines that are not objects are left to the real pass to report. `None` when
 /// the file has no object lines or polars cannot infer their columns (the real pass says why).
 fn read_ahead_schema(
+    reader: impl BufRead,
     path: &str,
     chunk_rows: usize,
     max_line_bytes: usize,
 ) -> Result<Option<Schema>, InputError> {
-    let file =
-        File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
-    let mut probe = JsonlSource::new(BufReader::new(file), path, &ColumnNames::default(), 1);
+    let mut probe = JsonlSource::new(reader, path, &ColumnNames::default(), 1);
     probe.max_line_bytes = max_line_bytes;
     let infer =
         |sample: &[u8]| polars::io::ndjson::infer_schema(&mut Cursor::new(sample), None).ok();

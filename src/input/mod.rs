@@ -1,12 +1,13 @@
 //! Input datasets: JSONL (files or stdin) and Parquet, read in chunks of rows with their locations.
 //!
 //! Here: the shared types and `open`, which picks a reader by `Format`. Beside it: `jsonl.rs` (the
-//! JSONL reader), `json.rs` (a JSON row to a conversation), `parquet.rs` (the Parquet reader) and
-//! `frame.rs` (a Parquet chunk's columns to conversations).
+//! JSONL reader), `json.rs` (a JSON row to a conversation), `parquet.rs` (the Parquet reader),
+//! `frame.rs` (a Parquet chunk's columns to conversations) and `memory.rs` (rows a command built).
 
 mod frame;
 mod json;
 mod jsonl;
+mod memory;
 mod parquet;
 
 use std::fmt;
@@ -21,10 +22,28 @@ use crate::format::Format;
 pub use frame::{conversations_from_frame, messages_from_series};
 pub use json::{conversation_from_json, messages_from_json, parse_json, FieldResult};
 pub use jsonl::JsonlSource;
+pub use memory::{MemoryRow, MemorySource};
 pub use parquet::ParquetSource;
 
+/// How errors and messages name stdin (`-`).
+pub const STDIN: &str = "<stdin>";
+
+/// `path` as errors name it: `-` is stdin.
+pub fn label(path: &str) -> &str {
+    if path == "-" {
+        STDIN
+    } else {
+        path
+    }
+}
+
+/// The default columns of a conversation: `--prompt-column`, `--response-column`, `--messages-column`.
+pub const PROMPT_COLUMN: &str = "prompt";
+pub const RESPONSE_COLUMN: &str = "response";
+pub const MESSAGES_COLUMN: &str = "messages";
+
 /// Which columns hold the conversation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnNames {
     pub prompt: String,
     pub response: String,
@@ -34,9 +53,9 @@ pub struct ColumnNames {
 impl Default for ColumnNames {
     fn default() -> Self {
         Self {
-            prompt: "prompt".into(),
-            response: "response".into(),
-            messages: "messages".into(),
+            prompt: PROMPT_COLUMN.into(),
+            response: RESPONSE_COLUMN.into(),
+            messages: MESSAGES_COLUMN.into(),
         }
     }
 }
@@ -153,7 +172,7 @@ pub fn open(
 ) -> Result<Box<dyn ChunkSource + Send>, InputError> {
     if path == "-" {
         let stdin = BufReader::new(std::io::stdin());
-        let mut source = JsonlSource::new(stdin, "<stdin>", names, chunk_rows);
+        let mut source = JsonlSource::new(stdin, STDIN, names, chunk_rows);
         source.skip_bad = skip_bad;
         source.max_line_bytes = max_line_bytes;
         return Ok(Box::new(source));
