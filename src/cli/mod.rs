@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use armorm::input::{ColumnNames, DEFAULT_MAX_LINE_BYTES};
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
 use armorm::model::ArmoRMConfig;
+use armorm::pipeline::EncodeStage;
 use armorm::scorer::Scorer;
 
 #[derive(Parser)]
@@ -79,8 +80,9 @@ pub struct ModelArgs {
     allow_beyond_max_positions: bool,
 }
 
-/// A loaded scorer and what output metadata needs to say about it.
+/// A loaded encoder and scorer, and what output metadata needs to say about it.
 pub struct Loaded {
+    pub encode: EncodeStage,
     pub scorer: Scorer,
     pub config: ArmoRMConfig,
     pub files: ModelFiles,
@@ -117,9 +119,12 @@ impl ModelArgs {
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
-        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
-            .with_lanes(lanes);
+        let scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
         Ok(Loaded {
+            encode: EncodeStage {
+                encoder,
+                max_length,
+            },
             scorer,
             config,
             files,

@@ -233,7 +233,14 @@ impl Job<'_> {
             skip_windows,
             rename_input_columns: self.columns.rename_input_columns,
         };
-        let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
+        let stats = pipeline::run(
+            self.openers(),
+            &loaded.encode,
+            &loaded.scorer,
+            sink,
+            options,
+            &progress,
+        )?;
         progress.finish(&stats);
         if stats.skipped > 0 {
             return Err(RowsSkipped(stats.skipped).into());
@@ -267,7 +274,7 @@ impl Job<'_> {
             "rename_input_columns": self.columns.rename_input_columns,
             "window_rows": self.window_rows,
             "max_batch_tokens": self.model.max_batch_tokens,
-            "max_length": loaded.scorer.max_length(),
+            "max_length": loaded.encode.max_length,
             "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
             "top_k": self.top_k,
             "skip_bad": self.skip_bad,
