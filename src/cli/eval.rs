@@ -72,7 +72,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     &args.chosen_column,
                     &args.rejected_column,
                 )
-                .map_err(|(f, m)| locate(i, f, m))
+                .map_err(|e| locate(i, e.field, e.message))
             })
             .collect::<Result<Vec<_>>>()?;
         (frame, pairs)
@@ -95,7 +95,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     &args.chosen_column,
                     &args.rejected_column,
                 )
-                .map_err(|(f, m)| locate(i, f, m))?,
+                .map_err(|e| locate(i, e.field, e.message))?,
             );
         }
         (table::jsonl_frame(label, bytes)?, pairs)
