@@ -8,8 +8,8 @@ use polars::prelude::*;
 use tempfile::NamedTempFile;
 
 pub use crate::format::Format;
+use crate::model::RowScore;
 use crate::parquet_out::ClassicWriter;
-use crate::scorer::RowScore;
 
 /// The columns armorm adds, in order.
 pub const SCORE_COLUMNS: [&str; 5] = ["score", "rewards", "gating", "coefficients", "num_tokens"];

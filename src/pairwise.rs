@@ -7,7 +7,7 @@ use polars::prelude::*;
 use serde::Serialize;
 
 use crate::chat::{check_conversation, Message};
-use crate::input::{messages_from_json, messages_from_series, FieldResult};
+use crate::input::{messages_from_json, messages_from_series, FieldError, FieldResult};
 
 /// RewardBench's per-subset weights, as in `rewardbench/constants.py` (`EXAMPLE_COUNTS`) of
 /// github.com/allenai/reward-bench: math-prm is up-weighted to equal code (984 for its 447 rows), and
@@ -222,17 +222,17 @@ pub fn pair_conversations(
         Ok(col) => cell_messages(col, i, prompt, "user")?,
         Err(_) => Vec::new(),
     };
-    let side = |name: &str| -> Result<Vec<Message>, (Option<String>, String)> {
+    let side = |name: &str| -> FieldResult<Vec<Message>> {
         let col = frame
             .column(name)
-            .map_err(|_| (Some(name.to_string()), "no such column".to_string()))?;
+            .map_err(|_| FieldError::at(name, "no such column"))?;
         let msgs = cell_messages(col, i, name, "assistant")?;
         let conv = if msgs.len() > 1 {
             msgs
         } else {
             [prompt_msgs.clone(), msgs].concat()
         };
-        check_conversation(&conv).map_err(|m| (Some(name.to_string()), m))?;
+        check_conversation(&conv).map_err(|m| FieldError::at(name, m))?;
         Ok(conv)
     };
     Ok((side(chosen)?, side(rejected)?))
@@ -247,43 +247,36 @@ pub fn pair_conversations_json(
     rejected: &str,
 ) -> FieldResult<(Vec<Message>, Vec<Message>)> {
     let Some(obj) = row.as_object() else {
-        return Err((None, "expected a JSON object".into()));
+        return Err(FieldError::whole("expected a JSON object"));
     };
-    let field =
-        |name: &str, role: &str| -> Result<Option<Vec<Message>>, (Option<String>, String)> {
-            match obj.get(name) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::String(s)) => Ok(Some(vec![Message::new(role, s)])),
-                Some(v @ serde_json::Value::Array(_)) => messages_from_json(v, name).map(Some),
-                Some(_) => Err((
-                    Some(name.to_string()),
-                    "expected a string or a list of messages".into(),
-                )),
-            }
-        };
+    let field = |name: &str, role: &str| -> FieldResult<Option<Vec<Message>>> {
+        match obj.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(vec![Message::new(role, s)])),
+            Some(v @ serde_json::Value::Array(_)) => messages_from_json(v, name).map(Some),
+            Some(_) => Err(FieldError::at(
+                name,
+                "expected a string or a list of messages",
+            )),
+        }
+    };
     let prompt_msgs = field(prompt, "user")?.unwrap_or_default();
-    let side = |name: &str| -> Result<Vec<Message>, (Option<String>, String)> {
-        let msgs = field(name, "assistant")?
-            .ok_or_else(|| (Some(name.to_string()), "missing".to_string()))?;
+    let side = |name: &str| -> FieldResult<Vec<Message>> {
+        let msgs = field(name, "assistant")?.ok_or_else(|| FieldError::at(name, "missing"))?;
         let conv = if msgs.len() > 1 {
             msgs
         } else {
             [prompt_msgs.clone(), msgs].concat()
         };
-        check_conversation(&conv).map_err(|m| (Some(name.to_string()), m))?;
+        check_conversation(&conv).map_err(|m| FieldError::at(name, m))?;
         Ok(conv)
     };
     Ok((side(chosen)?, side(rejected)?))
 }
 
 /// A string cell as one message of `role`, or a list<struct{role, content}> cell as its messages.
-fn cell_messages(
-    col: &Column,
-    i: usize,
-    name: &str,
-    role: &str,
-) -> Result<Vec<Message>, (Option<String>, String)> {
-    let bad = |m: String| (Some(name.to_string()), m);
+fn cell_messages(col: &Column, i: usize, name: &str, role: &str) -> FieldResult<Vec<Message>> {
+    let bad = |m: String| FieldError::at(name, m);
     match col.dtype() {
         DataType::String => {
             let text = col

@@ -18,10 +18,12 @@ use std::time::Instant;
 use polars::prelude::{DataFrame, Schema};
 use rayon::prelude::*;
 
-use crate::encoder::Encoded;
+use crate::chat::Message;
+use crate::encoder::{Encoded, Encoder};
 use crate::input::{self, Chunk, ChunkSource, InputError, Location};
+use crate::model::RowScore;
 use crate::output::{self, OutputError, RowStatus, Sink, Status, TopK};
-use crate::scorer::{RowFailure, RowScore, ScoreError, Scorer};
+use crate::scorer::{RowFailure, Scorer};
 use crate::shard::Shard;
 use crate::signal::{self, Interrupted};
 
@@ -138,9 +140,10 @@ impl Policy {
     }
 }
 
-/// Runs the whole dataset, input after input, through `scorer` into `sink`.
+/// Runs the whole dataset, input after input, through `encode` and `scorer` into `sink`.
 pub fn run(
     inputs: Vec<InputSource>,
+    encode: &EncodeStage,
     scorer: &Scorer,
     sink: Box<dyn Sink + Send>,
     options: Options,
@@ -169,7 +172,7 @@ pub fn run(
         let reader = s.spawn(move || {
             read_and_encode(
                 inputs,
-                scorer,
+                encode,
                 Selection {
                     shard,
                     skip_windows,
@@ -228,7 +231,7 @@ pub fn run(
 
 fn read_and_encode(
     inputs: Vec<InputSource>,
-    scorer: &Scorer,
+    encode: &EncodeStage,
     select: Selection,
     policy: Policy,
     reserved: Reserved,
@@ -285,7 +288,7 @@ fn read_and_encode(
                 continue;
             }
             let item =
-                encode_chunk(&chunk, scorer, policy).map(|(encoded, statuses)| EncodedWindow {
+                encode_chunk(&chunk, encode, policy).map(|(encoded, statuses)| EncodedWindow {
                     seq: window,
                     chunk,
                     input: name.clone(),
@@ -335,37 +338,93 @@ pub struct Policy {
     pub truncate: bool,
 }
 
+/// The encode stage: a conversation to token ids, a gate position and a status, under --max-length.
+pub struct EncodeStage {
+    pub encoder: Encoder,
+    pub max_length: usize,
+}
+
+impl EncodeStage {
+    /// One row: its encoding and status, or the status saying why it has none.
+    fn row(&self, messages: &[Message], truncate: bool) -> Result<(Encoded, RowStatus), RowStatus> {
+        let error = |status, e: String| RowStatus {
+            status,
+            error: Some(e),
+        };
+        if let Some(e) = self.certainly_too_long(messages, truncate) {
+            return Err(error(Status::TooLong, e));
+        }
+        let enc = self
+            .encoder
+            .encode(messages)
+            .map_err(|e| error(Status::Error, e))?;
+        let max = self.max_length;
+        if enc.ids.len() <= max {
+            return Ok((enc, RowStatus::ok()));
+        }
+        let truncated = truncate
+            .then(|| self.encoder.truncate_prompt_left(&enc, max))
+            .flatten();
+        match truncated {
+            Some(t) => Ok((
+                t,
+                RowStatus {
+                    status: Status::Truncated,
+                    error: None,
+                },
+            )),
+            None => {
+                let tokens = format!("{} tokens", enc.ids.len());
+                Err(error(
+                    Status::TooLong,
+                    self.too_long("the conversation", &tokens),
+                ))
+            }
+        }
+    }
+
+    /// A row over --max-length by its length alone, refused before rendering and tokenizing it (which
+    /// take time and memory in proportion to the text). Under truncation only the response must fit.
+    fn certainly_too_long(&self, messages: &[Message], truncate: bool) -> Option<String> {
+        let (counted, what) = if truncate {
+            (
+                &messages[messages.len().saturating_sub(1)..],
+                "the response alone",
+            )
+        } else {
+            (messages, "the conversation")
+        };
+        let at_least = self.encoder.min_tokens(counted);
+        (at_least > self.max_length)
+            .then(|| self.too_long(what, &format!("at least {at_least} tokens by its length")))
+    }
+
+    fn too_long(&self, what: &str, tokens: &str) -> String {
+        format!(
+            "{what} is {tokens}, over --max-length {}; armorm never truncates silently (see \
+             --truncate prompt-left)",
+            self.max_length
+        )
+    }
+}
+
 /// Tokenizes a window on all worker threads; under `skip_bad` a row that cannot be scored gets a status,
 /// otherwise the first one stops the run.
 fn encode_chunk(
     chunk: &Chunk,
-    scorer: &Scorer,
+    encode: &EncodeStage,
     policy: Policy,
 ) -> Result<(Vec<Option<Encoded>>, Vec<RowStatus>), PipelineError> {
-    let max = scorer.max_length();
     let rows: Vec<Result<(Encoded, RowStatus), RowStatus>> = chunk
         .conversations
         .par_iter()
-        .map(|row| {
-            let error = |status, e: String| RowStatus { status, error: Some(e) };
+        .map(|row| match row {
+            Ok(messages) => encode.row(messages, policy.truncate),
             // A row the reader could not take has null input columns: the error says where it was.
-            let messages = row.as_ref().map_err(|e| error(Status::Error, e.to_string()))?;
-            if let Some(e) = certainly_too_long(scorer, messages, policy.truncate) {
-                return Err(error(Status::TooLong, e));
-            }
-            let enc = scorer.encoder().encode(messages).map_err(|e| error(Status::Error, e))?;
-            if enc.ids.len() <= max {
-                return Ok((enc, RowStatus::ok()));
-            }
-            let too_long = format!(
-                "the conversation is {} tokens, over --max-length {max}; armorm never truncates silently \
-                 (see --truncate prompt-left)",
-                enc.ids.len()
-            );
-            match policy.truncate.then(|| scorer.encoder().truncate_prompt_left(&enc, max)).flatten() {
-                Some(t) => Ok((t, RowStatus { status: Status::Truncated, error: None })),
-                None => Err(error(Status::TooLong, too_long)),
-            }
+            Err(e) => Err(RowStatus {
+                status: Status::Error,
+                error: Some(e.to_string()),
+            }),
         })
         .collect();
     let mut encoded = Vec::with_capacity(rows.len());
@@ -392,31 +451,6 @@ fn encode_chunk(
         }
     }
     Ok((encoded, statuses))
-}
-
-/// A row over --max-length by its length alone, refused before rendering and tokenizing it (which take
-/// time and memory in proportion to the text). Under truncation only the response must fit.
-fn certainly_too_long(
-    scorer: &Scorer,
-    messages: &[crate::chat::Message],
-    truncate: bool,
-) -> Option<String> {
-    let max = scorer.max_length();
-    let (counted, what) = if truncate {
-        (
-            &messages[messages.len().saturating_sub(1)..],
-            "the response alone",
-        )
-    } else {
-        (messages, "the conversation")
-    };
-    let at_least = scorer.encoder().min_tokens(counted);
-    (at_least > max).then(|| {
-        format!(
-            "{what} is at least {at_least} tokens by its length, over --max-length {max}; armorm \
-             never truncates silently (see --truncate prompt-left)"
-        )
-    })
 }
 
 fn score_windows(
@@ -477,24 +511,15 @@ fn score_window(
         fraction,
     } = item?;
     let mut statuses = statuses;
-    let rows: Vec<usize> = (0..encoded.len())
-        .filter(|&i| encoded[i].is_some())
-        .collect();
-    let present: Vec<Encoded> = encoded.iter().flatten().cloned().collect();
-    let (scored_rows, padded) = scorer
-        .score_encoded_on(model, &present)
-        .map_err(|e| match e {
-            ScoreError::Row { row, message } => PipelineError::Row {
-                location: chunk.locations[rows[row]].clone(),
-                message,
-            },
-            ScoreError::Model(e) => PipelineError::Model(e),
-        })?;
+    let (results, padded) = scorer
+        .score_window(model, &encoded)
+        .map_err(PipelineError::Model)?;
     let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
-    for (i, result) in rows.into_iter().zip(scored_rows) {
+    for (i, result) in results.into_iter().enumerate() {
         match result {
-            Ok(s) => scores[i] = Some(s),
-            Err(failure) if skip_bad => {
+            None => {}
+            Some(Ok(s)) => scores[i] = Some(s),
+            Some(Err(failure)) if skip_bad => {
                 statuses[i] = RowStatus {
                     status: match failure {
                         RowFailure::OutOfMemory { .. } => Status::Oom,
@@ -503,7 +528,7 @@ fn score_window(
                     error: Some(failure.to_string()),
                 }
             }
-            Err(failure) => {
+            Some(Err(failure)) => {
                 return Err(PipelineError::Row {
                     location: chunk.locations[i].clone(),
                     message: failure.to_string(),
@@ -511,7 +536,7 @@ fn score_window(
             }
         }
     }
-    let tokens = present.iter().map(|e| e.ids.len()).sum();
+    let tokens = encoded.iter().flatten().map(|e| e.ids.len()).sum();
     Ok(Scored {
         seq,
         frame: chunk.frame,

@@ -1,24 +1,12 @@
-//! Scores conversations: encode, bucket by length, run the model, and return rows in input order.
+//! Scores a window of encoded rows: bucket by length, run the model, and return the outputs in window
+//! order.
 
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use candle_core::Tensor;
-
 use crate::batch;
-use crate::chat::Message;
-use crate::encoder::{Encoded, Encoder};
-use crate::model::{ArmoRM, FlatBatch, HeadOutput};
-
-/// Every output of the model for one row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowScore {
-    pub score: f32,
-    pub rewards: Vec<f32>,
-    pub gating: Vec<f32>,
-    pub coefficients: Vec<f32>,
-    pub num_tokens: usize,
-}
+use crate::encoder::Encoded;
+use crate::model::{ArmoRM, FlatBatch, HeadOutput, RowScore};
 
 /// Why one row has no scores although the model ran: the rest of its window is unaffected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -34,23 +22,12 @@ pub enum RowFailure {
 /// A row's outputs, or why it has none.
 pub type RowResult = Result<RowScore, RowFailure>;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ScoreError {
-    /// A row that cannot be scored; `row` indexes the slice given to `score`.
-    #[error("{message}")]
-    Row { row: usize, message: String },
-    #[error("model: {0}")]
-    Model(#[from] candle_core::Error),
-}
-
 pub struct Scorer {
     /// One copy of the model per device; windows are shared among them.
     models: Vec<ArmoRM>,
     /// Batches of one window scored at once on one model, each on its own thread (CPU: see
     /// `with_lanes`).
     lanes: usize,
-    encoder: Encoder,
-    max_length: usize,
     /// The token budget in force: `max_batch_tokens`, lowered after an out-of-memory error.
     budget: AtomicUsize,
     oom_logged: AtomicBool,
@@ -61,17 +38,10 @@ pub struct Scorer {
 
 impl Scorer {
     /// `models`: one or more copies of the model (one per device); at least one.
-    pub fn new(
-        models: Vec<ArmoRM>,
-        encoder: Encoder,
-        max_batch_tokens: usize,
-        max_length: usize,
-    ) -> Self {
+    pub fn new(models: Vec<ArmoRM>, max_batch_tokens: usize) -> Self {
         Self {
             models,
             lanes: 1,
-            encoder,
-            max_length,
             budget: AtomicUsize::new(max_batch_tokens.max(1)),
             oom_logged: AtomicBool::new(false),
             simulate_oom_above: std::env::var("ARMORM_SIMULATE_OOM_ABOVE_TOKENS")
@@ -95,72 +65,19 @@ impl Scorer {
         self.models.len()
     }
 
-    pub fn max_length(&self) -> usize {
-        self.max_length
-    }
-
-    pub fn encoder(&self) -> &Encoder {
-        &self.encoder
-    }
-
-    pub fn encode(&self, messages: &[Message]) -> Result<Encoded, String> {
-        let at_least = self.encoder.min_tokens(messages);
-        if at_least > self.max_length {
-            return Err(format!(
-                "the conversation is at least {at_least} tokens by its length, over --max-length {}; \
-                 armorm never truncates silently",
-                self.max_length
-            ));
-        }
-        let enc = self.encoder.encode(messages)?;
-        if enc.ids.len() > self.max_length {
-            return Err(format!(
-                "the conversation is {} tokens, over --max-length {}; armorm never truncates silently",
-                enc.ids.len(),
-                self.max_length
-            ));
-        }
-        Ok(enc)
-    }
-
-    /// Scores `conversations`, returned in the same order.
-    pub fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<RowScore>, ScoreError> {
-        let encoded = conversations
-            .iter()
-            .enumerate()
-            .map(|(row, m)| {
-                self.encode(m)
-                    .map_err(|message| ScoreError::Row { row, message })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.score_encoded(&encoded)?
-            .0
-            .into_iter()
-            .enumerate()
-            .map(|(row, r)| {
-                r.map_err(|e| ScoreError::Row {
-                    row,
-                    message: e.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    /// Scores a window of encoded rows in length-sorted batches; returns the scores in the window's
-    /// order and the padded tokens computed.
-    pub fn score_encoded(
-        &self,
-        encoded: &[Encoded],
-    ) -> Result<(Vec<RowResult>, usize), ScoreError> {
-        self.score_encoded_on(0, encoded)
-    }
-
-    /// The same on model copy `model`.
-    pub fn score_encoded_on(
+    /// Scores the rows of a window that are there (`None`: a row not to score) on model copy `model`,
+    /// in length-sorted batches; returns each row's outputs in the window's order and the padded tokens
+    /// computed.
+    pub fn score_window(
         &self,
         model: usize,
-        encoded: &[Encoded],
-    ) -> Result<(Vec<RowResult>, usize), ScoreError> {
+        window: &[Option<Encoded>],
+    ) -> candle_core::Result<(Vec<Option<RowResult>>, usize)> {
+        let (rows, encoded): (Vec<usize>, Vec<&Encoded>) = window
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, e.as_ref()?)))
+            .unzip();
         let model = &self.models[model.min(self.models.len() - 1)];
         let lens: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let lanes = self.lanes.min(encoded.len()).max(1);
@@ -172,7 +89,7 @@ impl Scorer {
             Reverse(rows.len() * rows.iter().map(|&i| lens[i]).max().unwrap_or(0))
         });
         let next = AtomicUsize::new(0);
-        let lane = || self.lane(model, encoded, &batches, &next);
+        let lane = || self.lane(model, &encoded, &batches, &next);
         // No thread for a lane that would find the queue empty.
         let lanes = lanes.min(batches.len()).max(1);
         let results: Vec<Lane> = std::thread::scope(|s| {
@@ -187,17 +104,17 @@ impl Scorer {
             }
             results
         });
-        let mut out: Vec<Option<RowResult>> = vec![None; encoded.len()];
+        let mut out: Vec<Option<RowResult>> = vec![None; window.len()];
         let mut padded = 0;
         for result in results {
             let (scored, tokens) = result?;
             padded += tokens;
             // Back to window order: the reorder step after length sorting.
             for (i, s) in scored {
-                out[i] = Some(s);
+                out[rows[i]] = Some(s);
             }
         }
-        Ok((out.into_iter().flatten().collect(), padded))
+        Ok((out, padded))
     }
 
     /// Takes batches from the shared queue until it is empty; on an error, empties it for the other
@@ -205,7 +122,7 @@ impl Scorer {
     fn lane(
         &self,
         model: &ArmoRM,
-        encoded: &[Encoded],
+        encoded: &[&Encoded],
         batches: &[Vec<usize>],
         next: &AtomicUsize,
     ) -> Lane {
@@ -231,10 +148,10 @@ impl Scorer {
     fn score_rows(
         &self,
         model: &ArmoRM,
-        encoded: &[Encoded],
+        encoded: &[&Encoded],
         rows: &[usize],
         out: &mut Vec<(usize, RowResult)>,
-    ) -> Result<usize, ScoreError> {
+    ) -> candle_core::Result<usize> {
         let mut flat = FlatBatch::new();
         for &i in rows {
             flat.push(&encoded[i].ids, encoded[i].gate);
@@ -242,7 +159,8 @@ impl Scorer {
         let tokens = flat.padded_tokens();
         match self.forward(model, &flat) {
             Ok(head) => {
-                out.extend(rows.iter().copied().zip(unpack(&head, &flat.lens())?));
+                let scored = head.rows(&flat.lens())?.into_iter().map(finite);
+                out.extend(rows.iter().copied().zip(scored));
                 Ok(tokens)
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
@@ -267,7 +185,7 @@ impl Scorer {
                 out.push((rows[0], Err(failure)));
                 Ok(0)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
@@ -285,40 +203,12 @@ impl Scorer {
 }
 
 /// What one lane scored: (row in the window, its outputs), and the padded tokens computed.
-type Lane = Result<(Vec<(usize, RowResult)>, usize), ScoreError>;
+type Lane = candle_core::Result<(Vec<(usize, RowResult)>, usize)>;
 
 /// candle passes the CUDA driver's error through as text.
 fn is_out_of_memory(e: &candle_core::Error) -> bool {
     let text = e.to_string();
     text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
-}
-
-fn unpack(out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowResult>> {
-    let rows = |t: &Tensor| t.to_vec2::<f32>();
-    let (rewards, gating, coefficients) = (
-        rows(&out.rewards)?,
-        rows(&out.gating)?,
-        rows(&out.coefficients)?,
-    );
-    let score = out.score.to_vec1::<f32>()?;
-    Ok(score
-        .into_iter()
-        .zip(rewards)
-        .zip(gating)
-        .zip(coefficients)
-        .zip(lens)
-        .map(
-            |((((score, rewards), gating), coefficients), &num_tokens)| {
-                finite(RowScore {
-                    score,
-                    rewards,
-                    gating,
-                    coefficients,
-                    num_tokens,
-                })
-            },
-        )
-        .collect())
 }
 
 /// The row's outputs if every one is a finite number.

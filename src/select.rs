@@ -50,26 +50,38 @@ pub fn top_fraction_indices(scores: &[f32], fraction: f64) -> Vec<usize> {
     kept
 }
 
+/// One group's rows of highest and of lowest score, and how many rows it has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group {
+    pub best: usize,
+    pub worst: usize,
+    pub size: usize,
+}
+
 /// For each group (in order of first appearance): the row of highest and of lowest score. Equal scores
 /// keep the earlier row.
-pub fn best_and_worst(keys: &[String], scores: &[f32]) -> Vec<(usize, usize, usize)> {
-    let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (best, worst, size)
+pub fn best_and_worst(keys: &[String], scores: &[f32]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for (i, key) in keys.iter().enumerate() {
         match index.get(key.as_str()) {
             None => {
                 index.insert(key, groups.len());
-                groups.push((i, i, 1));
+                groups.push(Group {
+                    best: i,
+                    worst: i,
+                    size: 1,
+                });
             }
             Some(&g) => {
-                let (best, worst, size) = &mut groups[g];
-                if scores[i] > scores[*best] {
-                    *best = i;
+                let group = &mut groups[g];
+                if scores[i] > scores[group.best] {
+                    group.best = i;
                 }
-                if scores[i] < scores[*worst] {
-                    *worst = i;
+                if scores[i] < scores[group.worst] {
+                    group.worst = i;
                 }
-                *size += 1;
+                group.size += 1;
             }
         }
     }
@@ -100,7 +112,10 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let g = best_and_worst(&keys, &[0.1, 0.5, 0.9, 0.1, 0.2]);
+        let g: Vec<_> = best_and_worst(&keys, &[0.1, 0.5, 0.9, 0.1, 0.2])
+            .iter()
+            .map(|g| (g.best, g.worst, g.size))
+            .collect();
         assert_eq!(g, vec![(2, 0, 3), (1, 4, 2)]);
     }
 

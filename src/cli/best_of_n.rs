@@ -48,7 +48,7 @@ pub fn run(args: BestOfNArgs) -> Result<()> {
     let out = if args.pairs {
         pairs(&frame, &args, &groups, &scores, label)?
     } else {
-        select::take(&frame, &groups.iter().map(|g| g.0).collect::<Vec<_>>())?
+        select::take(&frame, &groups.iter().map(|g| g.best).collect::<Vec<_>>())?
     };
     let meta = vec![(
         "armorm.attributes".to_string(),
@@ -60,7 +60,7 @@ pub fn run(args: BestOfNArgs) -> Result<()> {
 fn pairs(
     frame: &DataFrame,
     args: &BestOfNArgs,
-    groups: &[(usize, usize, usize)],
+    groups: &[select::Group],
     scores: &[f32],
     label: &str,
 ) -> Result<DataFrame> {
@@ -70,9 +70,9 @@ fn pairs(
             args.response_column
         )
     })?;
-    let groups: Vec<_> = groups.iter().filter(|g| g.2 > 1).collect();
-    let best: Vec<usize> = groups.iter().map(|g| g.0).collect();
-    let worst: Vec<usize> = groups.iter().map(|g| g.1).collect();
+    let groups: Vec<_> = groups.iter().filter(|g| g.size > 1).collect();
+    let best: Vec<usize> = groups.iter().map(|g| g.best).collect();
+    let worst: Vec<usize> = groups.iter().map(|g| g.worst).collect();
     let pick = |col: &Column, idx: &[usize], name: &str| -> Result<Column> {
         let idx = IdxCa::from_vec("idx".into(), idx.iter().map(|&i| i as IdxSize).collect());
         Ok(col.take(&idx)?.with_name(name.into()))

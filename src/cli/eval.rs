@@ -74,7 +74,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     &args.chosen_column,
                     &args.rejected_column,
                 )
-                .map_err(|(f, m)| locate(i, f, m))
+                .map_err(|e| locate(i, e.field, e.message))
             })
             .collect::<Result<Vec<_>, _>>()?;
         (frame, pairs)
@@ -97,7 +97,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     &args.chosen_column,
                     &args.rejected_column,
                 )
-                .map_err(|(f, m)| locate(i, f, m))?,
+                .map_err(|e| locate(i, e.field, e.message))?,
             );
             places.push(place(i));
         }

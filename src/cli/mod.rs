@@ -15,6 +15,7 @@ use armorm::input::{
 };
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
 use armorm::model::ArmoRMConfig;
+use armorm::pipeline::EncodeStage;
 use armorm::scorer::Scorer;
 
 #[derive(Parser)]
@@ -81,8 +82,9 @@ pub struct ModelArgs {
     allow_beyond_max_positions: bool,
 }
 
-/// A loaded scorer and what output metadata needs to say about it.
+/// A loaded encoder and scorer, and what output metadata needs to say about it.
 pub struct Loaded {
+    pub encode: EncodeStage,
     pub scorer: Scorer,
     pub config: ArmoRMConfig,
     pub files: ModelFiles,
@@ -119,9 +121,12 @@ impl ModelArgs {
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
-        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
-            .with_lanes(lanes);
+        let scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
         Ok(Loaded {
+            encode: EncodeStage {
+                encoder,
+                max_length,
+            },
             scorer,
             config,
             files,

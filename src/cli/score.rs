@@ -285,7 +285,14 @@ impl<'a> Job<'a> {
             skip_windows,
             rename_input_columns: self.reading.rename_input_columns,
         };
-        let stats = pipeline::run(inputs, &loaded.scorer, sink, options, progress)?;
+        let stats = pipeline::run(
+            inputs,
+            &loaded.encode,
+            &loaded.scorer,
+            sink,
+            options,
+            progress,
+        )?;
         progress.finish(&stats);
         if stats.skipped > 0 {
             return Err(RowsSkipped(stats.skipped).into());
@@ -324,7 +331,7 @@ impl<'a> Job<'a> {
             "rename_input_columns": self.reading.rename_input_columns,
             "window_rows": self.window_rows,
             "max_batch_tokens": self.model.max_batch_tokens,
-            "max_length": loaded.scorer.max_length(),
+            "max_length": loaded.encode.max_length,
             "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
             "top_k": self.top_k,
             "skip_bad": self.policy.skip_bad,

@@ -3,7 +3,7 @@
 
 use polars::prelude::*;
 
-use super::{ColumnNames, FieldResult, InputError, Location, RowInput};
+use super::{ColumnNames, FieldError, FieldResult, InputError, Location, RowInput};
 use crate::chat::{check_conversation, Message};
 
 /// The conversations of a Parquet chunk: a `messages` list<struct{role, content}> column, or string
@@ -56,7 +56,7 @@ pub fn conversations_from_frame(
             let here = &locations[i];
             if let Some(series) = messages.and_then(|list| list.get_as_series(i)) {
                 let messages = messages_from_series(&series, &names.messages)
-                    .map_err(|(f, m)| InputError::new(here, f.as_deref(), m))?;
+                    .map_err(|e| InputError::new(here, e.field.as_deref(), e.message))?;
                 check_conversation(&messages)
                     .map_err(|m| InputError::new(here, Some(&names.messages), m))?;
                 return Ok(messages);
@@ -92,7 +92,7 @@ pub fn conversations_from_frame(
 }
 
 pub fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Message>> {
-    let bad = |msg: String| (Some(field.to_string()), msg);
+    let bad = |msg: String| FieldError::at(field, msg);
     let st = series.struct_().map_err(|_| {
         bad(format!(
             "expected list<struct{{role, content}}>, got list<{}>",
@@ -113,7 +113,7 @@ pub fn messages_from_series(series: &Series, field: &str) -> FieldResult<Vec<Mes
             let get = |ca: &StringChunked, key: &str| {
                 ca.get(i)
                     .map(str::to_string)
-                    .ok_or_else(|| (Some(format!("{field}[{i}].{key}")), "null".to_string()))
+                    .ok_or_else(|| FieldError::at(format!("{field}[{i}].{key}"), "null"))
             };
             Ok(Message {
                 role: get(&roles, "role")?,

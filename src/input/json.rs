@@ -31,12 +31,12 @@ pub fn parse_json(text: &str) -> FieldResult<Value> {
         .deserialize(&mut de)
         .and_then(|v| de.end().map(|()| v));
     match (parsed, duplicate.into_inner()) {
-        (_, Some(key)) => Err((
-            Some(key),
-            "appears twice in one object (JSON readers differ on which one they keep)".to_string(),
+        (_, Some(key)) => Err(FieldError::at(
+            key,
+            "appears twice in one object (JSON readers differ on which one they keep)",
         )),
         (Ok(v), None) => Ok(v),
-        (Err(e), None) => Err((None, format!("malformed JSON: {e}"))),
+        (Err(e), None) => Err(FieldError::whole(format!("malformed JSON: {e}"))),
     }
 }
 
@@ -112,40 +112,64 @@ impl<'de> Visitor<'de> for NoDuplicates<'_> {
     }
 }
 
-/// A value or (the field at fault, the reason).
-pub type FieldResult<T> = Result<T, (Option<String>, String)>;
+/// Why a value cannot be read: the field at fault, when one is, and the reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{message}", .field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+pub struct FieldError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn at(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// About the value as a whole.
+    pub fn whole(message: impl Into<String>) -> Self {
+        Self {
+            field: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// A value or why it cannot be read.
+pub type FieldResult<T> = Result<T, FieldError>;
 
 /// A JSON row's conversation: `messages`, or `prompt` + `response`.
 pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult<Vec<Message>> {
     let Value::Object(obj) = value else {
-        return Err((None, format!("expected a JSON object, got {}", kind(value))));
+        return Err(FieldError::whole(format!(
+            "expected a JSON object, got {}",
+            kind(value)
+        )));
     };
     if let Some(messages) = obj.get(&names.messages).filter(|v| !v.is_null()) {
         let messages = messages_from_json(messages, &names.messages)?;
-        check_conversation(&messages).map_err(|m| (Some(names.messages.clone()), m))?;
+        check_conversation(&messages).map_err(|m| FieldError::at(&names.messages, m))?;
         return Ok(messages);
     }
     if !obj.contains_key(&names.prompt) && !obj.contains_key(&names.response) {
-        return Err((
-            None,
-            format!(
-                "the row has neither `{}` + `{}` nor `{}`",
-                names.prompt, names.response, names.messages
-            ),
-        ));
+        return Err(FieldError::whole(format!(
+            "the row has neither `{}` + `{}` nor `{}`",
+            names.prompt, names.response, names.messages
+        )));
     }
     let text = |name: &str| -> FieldResult<String> {
         match obj.get(name) {
-            Some(Value::String(s)) if s.trim().is_empty() => Err((
-                Some(name.to_string()),
-                "empty (nothing to score)".to_string(),
-            )),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(FieldError::at(name, "empty (nothing to score)"))
+            }
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => Err((
-                Some(name.to_string()),
+            Some(v) => Err(FieldError::at(
+                name,
                 format!("expected a string, got {}", kind(v)),
             )),
-            None => Err((Some(name.to_string()), "missing".to_string())),
+            None => Err(FieldError::at(name, "missing")),
         }
     };
     Ok(vec![
@@ -156,21 +180,24 @@ pub fn conversation_from_json(value: &Value, names: &ColumnNames) -> FieldResult
 
 pub fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message>> {
     let Value::Array(items) = value else {
-        return Err((
-            Some(field.to_string()),
+        return Err(FieldError::at(
+            field,
             format!("expected a list of messages, got {}", kind(value)),
         ));
     };
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let get = |key: &str| -> FieldResult<String> {
-            let here = Some(format!("{field}[{i}].{key}"));
+            let here = format!("{field}[{i}].{key}");
             match item.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(v) => Err((here, format!("expected a string, got {}", kind(v)))),
-                None if item.is_object() => Err((here, "missing".to_string())),
-                None => Err((
-                    Some(format!("{field}[{i}]")),
+                Some(v) => Err(FieldError::at(
+                    here,
+                    format!("expected a string, got {}", kind(v)),
+                )),
+                None if item.is_object() => Err(FieldError::at(here, "missing")),
+                None => Err(FieldError::at(
+                    format!("{field}[{i}]"),
                     format!("expected a {{role, content}} object, got {}", kind(item)),
                 )),
             }
@@ -187,11 +214,17 @@ pub fn messages_from_json(value: &Value, field: &str) -> FieldResult<Vec<Message
 mod tests {
     use super::*;
 
-    fn conv(json: &str) -> FieldResult<Vec<Message>> {
+    /// The error as (field, reason), as the assertions read it.
+    fn conv(json: &str) -> Result<Vec<Message>, (Option<String>, String)> {
         conversation_from_json(
             &serde_json::from_str(json).unwrap(),
             &ColumnNames::default(),
         )
+        .map_err(|e| (e.field, e.message))
+    }
+
+    fn parse_json(text: &str) -> Result<Value, (Option<String>, String)> {
+        super::parse_json(text).map_err(|e| (e.field, e.message))
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Cursor, Read};
 use polars::prelude::*;
 use serde_json::Value;
 
-use super::json::{conversation_from_json, kind, parse_json};
+use super::json::{conversation_from_json, kind, parse_json, FieldError};
 use super::{
     Chunk, ChunkSource, ColumnNames, InputError, Location, RowInput, DEFAULT_MAX_LINE_BYTES,
 };
@@ -214,11 +214,9 @@ impl<R: BufRead> JsonlSource<R> {
 
     /// A line's text (without a byte-order mark) and conversation; `None` for a blank line.
     fn parse_line<'b>(&self, buf: &'b [u8]) -> Result<Option<(&'b str, Vec<Message>)>, InputError> {
-        let here = |(field, msg): (Option<String>, String)| {
-            InputError::new(self.here(), field.as_deref(), msg)
-        };
-        let text =
-            std::str::from_utf8(buf).map_err(|e| here((None, format!("not valid UTF-8: {e}"))))?;
+        let here = |e: FieldError| InputError::new(self.here(), e.field.as_deref(), e.message);
+        let text = std::str::from_utf8(buf)
+            .map_err(|e| here(FieldError::whole(format!("not valid UTF-8: {e}"))))?;
         // Editors on Windows start a UTF-8 file with a byte-order mark; it is not part of the JSON.
         let text = match self.line {
             1 => text.strip_prefix('\u{feff}').unwrap_or(text),

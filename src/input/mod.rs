@@ -20,7 +20,7 @@ use crate::chat::Message;
 use crate::format::Format;
 
 pub use frame::{conversations_from_frame, messages_from_series};
-pub use json::{conversation_from_json, messages_from_json, parse_json, FieldResult};
+pub use json::{conversation_from_json, messages_from_json, parse_json, FieldError, FieldResult};
 pub use jsonl::JsonlSource;
 pub use memory::{MemoryRow, MemorySource};
 pub use parquet::ParquetSource;

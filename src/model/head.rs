@@ -84,6 +84,45 @@ pub struct HeadOutput {
     pub score: Tensor,        // (n,)
 }
 
+/// Every output of the model for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowScore {
+    pub score: f32,
+    pub rewards: Vec<f32>,
+    pub gating: Vec<f32>,
+    pub coefficients: Vec<f32>,
+    pub num_tokens: usize,
+}
+
+impl HeadOutput {
+    /// The batch's rows one by one; `lens`: each row's tokens.
+    pub fn rows(&self, lens: &[usize]) -> Result<Vec<RowScore>> {
+        let rows = |t: &Tensor| t.to_vec2::<f32>();
+        let (rewards, gating, coefficients) = (
+            rows(&self.rewards)?,
+            rows(&self.gating)?,
+            rows(&self.coefficients)?,
+        );
+        let score = self.score.to_vec1::<f32>()?;
+        Ok(score
+            .into_iter()
+            .zip(rewards)
+            .zip(gating)
+            .zip(coefficients)
+            .zip(lens)
+            .map(
+                |((((score, rewards), gating), coefficients), &num_tokens)| RowScore {
+                    score,
+                    rewards,
+                    gating,
+                    coefficients,
+                    num_tokens,
+                },
+            )
+            .collect())
+    }
+}
+
 /// The three parts of the head under their published names.
 #[derive(Debug, Clone)]
 pub struct ArmoRMHead {

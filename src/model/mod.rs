@@ -9,7 +9,7 @@ use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
 
 pub use config::ArmoRMConfig;
-pub use head::{ArmoRMHead, HeadOutput};
+pub use head::{ArmoRMHead, HeadOutput, RowScore};
 pub use llama::Llama;
 
 /// Rows laid end to end: row i is `ids[cu_lens[i]..cu_lens[i + 1]]`, its gating token at `gates[i]`
