@@ -2,13 +2,15 @@
 
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::Tensor;
 
 use crate::batch;
 use crate::chat::Message;
 use crate::encoder::{Encoded, Encoder};
-use crate::model::{ArmoRM, FlatBatch, HeadOutput};
+use crate::model::{ArmoRM, FlatBatch, HeadOutput, Profile, Section};
 
 /// Every output of the model for one row.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +45,8 @@ pub struct Scorer {
     /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches of several rows above
     /// this many padded tokens fail as if the GPU were out of memory.
     simulate_oom_above: Option<usize>,
+    /// Where the time of each forward pass goes, when asked for (`with_profile`).
+    profile: Option<Arc<Profile>>,
 }
 
 impl Scorer {
@@ -63,7 +67,24 @@ impl Scorer {
             simulate_oom_above: std::env::var("ARMORM_SIMULATE_OOM_ABOVE_TOKENS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            profile: None,
         }
+    }
+
+    /// Times every section of every forward pass, and each batch end to end, into `profile`: a
+    /// breakdown of where the device's time goes, at the cost of synchronizing it around each
+    /// section (see `model::profile`).
+    pub fn with_profile(mut self, profile: Arc<Profile>) -> Self {
+        self.models = std::mem::take(&mut self.models)
+            .into_iter()
+            .map(|m| m.with_profile(profile.clone()))
+            .collect();
+        self.profile = Some(profile);
+        self
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_deref()
     }
 
     /// Scores `lanes` batches of a window at once, each on its own thread, and splits the token budget
@@ -205,9 +226,13 @@ impl Scorer {
             flat.push(&encoded[i].ids, encoded[i].gate);
         }
         let tokens = flat.padded_tokens();
+        let started = self.profile.as_ref().map(|_| Instant::now());
         match self.forward(model, &flat) {
             Ok(head) => {
-                out.extend(rows.iter().copied().zip(unpack(&head, &flat.lens())?));
+                out.extend(rows.iter().copied().zip(self.unpack(&head, &flat.lens())?));
+                if let (Some(profile), Some(started)) = (&self.profile, started) {
+                    profile.add_batch(started.elapsed());
+                }
                 Ok(tokens)
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
@@ -238,6 +263,17 @@ impl Scorer {
             ));
         }
         model.forward(flat)
+    }
+
+    /// The copy to the host waits for the device, so it needs no synchronization of its own.
+    fn unpack(&self, out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {
+        let Some(profile) = &self.profile else {
+            return unpack(out, lens);
+        };
+        let started = Instant::now();
+        let rows = unpack(out, lens)?;
+        profile.add(Section::Readback, started.elapsed());
+        Ok(rows)
     }
 }
 

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use armorm::input::ColumnNames;
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
-use armorm::model::ArmoRMConfig;
+use armorm::model::{ArmoRMConfig, Profile};
 use armorm::scorer::Scorer;
 
 #[derive(Parser)]
@@ -110,8 +110,11 @@ impl ModelArgs {
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
         let max_length = self.max_length.unwrap_or(config.max_position_embeddings);
-        let scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
+        let mut scorer = Scorer::new(models, encoder, self.max_batch_tokens as usize, max_length)
             .with_lanes(lanes);
+        if profile_requested() {
+            scorer = scorer.with_profile(std::sync::Arc::new(Profile::default()));
+        }
         Ok(Loaded {
             scorer,
             config,
@@ -119,6 +122,13 @@ impl ModelArgs {
             dtype,
         })
     }
+}
+
+/// `ARMORM_PROFILE=1` (any value but empty or 0): time each section of the forward pass and print
+/// the breakdown at the end. An environment variable, not a flag: it is a diagnostic that slows the
+/// run down, and a job script can switch it on without changing the command.
+fn profile_requested() -> bool {
+    std::env::var_os("ARMORM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// How the run uses the machine and the terminal.

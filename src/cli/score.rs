@@ -175,6 +175,9 @@ impl Job<'_> {
         };
         let stats = pipeline::run(self.openers(), &loaded.scorer, sink, options, &progress)?;
         progress.finish(&stats);
+        if let Some(profile) = loaded.scorer.profile() {
+            eprint!("{}", super::progress::profile(&profile.report()));
+        }
         if stats.skipped > 0 {
             return Err(RowsSkipped(stats.skipped).into());
         }

@@ -7,6 +7,7 @@ mod errors;
 mod formats;
 mod fuzz;
 mod parity;
+mod profile;
 mod resume;
 mod shards;
 mod tokens;
