@@ -20,7 +20,12 @@ It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson
 the profile, the issue's goals) and writes every number to a JSON file.
 
     python3 scripts/gpu_check.py --armorm target/gpu/armorm --work /tmp/gpu-check
-    python3 scripts/gpu_check.py --armorm target/release/armorm --device cpu --shape tiny   # dry run
+
+A dry run of every phase on a CPU (about 90 s on 2 cores, with .venv from fixtures/requirements.txt):
+
+    .venv/bin/python scripts/gpu_check.py --armorm target/release/armorm --device cpu --shape tiny \
+      --work /tmp/gpu-check-dry --rows 128 --long-rows 4 --check-long-rows 2 --acc-rows 32 --profile-rows 32 \
+      --profile-long-rows 2 --tf-long-batch-sizes 1,2 --best-of-8 --best-of-8-prompts 4 --time-limit 900
 """
 
 import argparse
