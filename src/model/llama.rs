@@ -171,8 +171,9 @@ impl Attention {
         let n_rep = self.num_heads / nkv;
         let q = q.reshape((b, nkv, n_rep * tq, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = tm.time(Section::AttnMatmul, || q.matmul(&k.t()?))?; // (b, nkv, n_rep·tq, t)
-                                                                          // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
+        let scores = tm.time(Section::AttnMatmul, || q.matmul(&k.t()?))?;
+        // Scores (b, nkv, n_rep·tq, t); softmax in f32 whatever the compute dtype, as transformers'
+        // eager attention does.
         let probs = tm.time(Section::Softmax, move || {
             let scores = (scores * scale)?
                 .to_dtype(DType::F32)?
