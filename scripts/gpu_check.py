@@ -16,6 +16,11 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            compared against the fastest;
   best-of-8 (opt-in, --best-of-8) 64 prompts with 8 responses each, for prefix sharing (issue 12).
 
+Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
+version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
+armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), transformers f32 25; about
+5.5 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
 
