@@ -9,7 +9,7 @@
 # transformers bf16 at several sorted batch sizes on both, f32 parity on short and long rows, and the bf16
 # Pearson figures; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
 # `--skip profile,parity`, `--best-of-8`, `--time-limit 300`); `--help` lists them.
-# Budget (estimated, not yet measured on this version): about 7 minutes on an H200, within the default
+# Budget (estimated, not yet measured on this version): 5.5-7 minutes on an H200, within the default
 # --time-limit of 400 s after which phases not yet started are skipped; the log and gpu-check.json go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
