@@ -4,9 +4,13 @@
 #   scripts/build-cuda.sh && mkdir -p target/gpu && xz -9 -T2 -c target/release/armorm-cuda > target/gpu/armorm.xz
 # then, on the device machine (carry target/gpu):
 #   bash scripts/gpu-check.sh target/gpu/armorm.xz
-# It generates random bf16 weights of ArmoRM-Llama3-8B's shape, checks armorm against transformers,
-# times both on the same 512 rows and prints tokens/s, the ratio and MFU (scripts/gpu_check.py).
-# Budget: about 8 minutes on an H100 (weights ~2 min, two armorm runs and two transformers loads).
+# It generates random bf16 weights of ArmoRM-Llama3-8B's shape, then (scripts/gpu_check.py): the first-run
+# kernel compile, armorm bf16 on 1,024 short rows and on 32 long rows, one ARMORM_PROFILE=1 run of each,
+# transformers bf16 at several sorted batch sizes on both, f32 parity on short and long rows, and the bf16
+# Pearson figures; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
+# `--skip profile,parity`, `--best-of-8`, `--time-limit 300`); `--help` lists them.
+# Budget (estimated, not yet measured on this version): 5.5-7 minutes on an H200, within the default
+# --time-limit of 400 s after which phases not yet started are skipped; the log and gpu-check.json go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packed=${1:-target/gpu/armorm.xz}
@@ -28,5 +32,6 @@ export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$bin" --version
 
-PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --armorm "$bin" --work "$work" "${@:2}" 2>&1 \
-  | tee "${OUT:-$work}/gpu-check.log"
+out=${OUT:-$work}
+PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --armorm "$bin" --work "$work" --json "$out/gpu-check.json" \
+  "${@:2}" 2>&1 | tee "$out/gpu-check.log"

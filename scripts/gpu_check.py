@@ -1,19 +1,43 @@
 #!/usr/bin/env python3
-"""GPU check: armorm against transformers on a random ArmoRM of the real 8B shape, in bf16.
+"""GPU check: armorm against transformers on a random ArmoRM of the real 8B shape (issue 10).
 
 Run by scripts/gpu-check.sh on the device machine (torch and transformers there, no internet, no Rust).
-It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU, checks armorm's scores against
-transformers on a few rows (f32 on both sides, then bf16 on all rows), times both on the same 512 rows
-(bf16; transformers with sdpa and sorted padded batches) and prints tokens/s, the ratio and MFU.
+It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then, phase by phase:
+
+  compile  the first armorm run against a fresh CUDA JIT cache, then a second one on the filled cache:
+           the difference is the PTX compile a fresh node pays (a warm-up run happens even when skipped,
+           so that no timing below includes it);
+  short    armorm bf16 on 1,024 rows of ~265 tokens (the issue's first case);
+  long     armorm bf16 on 32 rows of 3,000-6,200 tokens (the issue's second case);
+  profile  one more armorm run of each case, smaller, with ARMORM_PROFILE=1: where the time goes;
+  parity   armorm f32 against transformers f32 on a few short and a few long rows, and transformers f32
+           on the accuracy rows (for the Pearson figures);
+  sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
+           compared against the fastest;
+  best-of-8 (opt-in, --best-of-8) 64 prompts with 8 responses each, for prefix sharing (issue 12).
+
+Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
+version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
+armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), transformers f32 25; about
+5.5 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+
+It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
+the profile, the issue's goals) and writes every number to a JSON file.
 
     python3 scripts/gpu_check.py --armorm target/gpu/armorm --work /tmp/gpu-check
-    python3 scripts/gpu_check.py --armorm target/release/armorm --device cpu --shape tiny   # dry run
+
+A dry run of every phase on a CPU (about 90 s on 2 cores, with .venv from fixtures/requirements.txt):
+
+    .venv/bin/python scripts/gpu_check.py --armorm target/release/armorm --device cpu --shape tiny \
+      --work /tmp/gpu-check-dry --rows 128 --long-rows 4 --check-long-rows 2 --acc-rows 32 --profile-rows 32 \
+      --profile-long-rows 2 --tf-long-batch-sizes 1,2 --best-of-8 --best-of-8-prompts 4 --time-limit 900
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +50,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import GATING_TEXT, make_dataset, model_flops  # noqa: E402
+from bench import GATING_TEXT, WORDS, make_dataset, model_flops  # noqa: E402
 
 SHAPES = {
     # ArmoRM-Llama3-8B-v0.1's published shape.
@@ -36,12 +60,17 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128257),
 }
-H100_BF16_DENSE_TFLOPS = 989.0
+# Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
+BF16_DENSE_TFLOPS = 989.0
+PHASES = ["compile", "short", "long", "profile", "parity", "sweep", "best-of-8"]
 T0 = time.perf_counter()
 
 
 def log(msg):
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- weights and data
 
 
 def generate(out: Path, shape, device):
@@ -59,7 +88,7 @@ def generate(out: Path, shape, device):
     def ones(n):
         return (1.0 + 0.1 * torch.randn(n, generator=g, device=device)).to(torch.bfloat16)
 
-    shards, weight_map = [], {}
+    weight_map = {}
 
     def flush(tensors, name):
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
@@ -109,12 +138,68 @@ def generate(out: Path, shape, device):
         shutil.copyfile(ROOT / "fixtures" / "llama3-tokenizer" / f, out / f)
 
 
-class Reference:
-    """transformers' LlamaModel (sdpa) + ArmoRM's head, on `device` in `dtype`."""
+def words(rng, n):
+    return " ".join(rng.choice(WORDS, n))
 
-    def __init__(self, model_dir: Path, device, dtype):
+
+def make_long_dataset(path: Path, rows: int, seed: int = 2):
+    """Rows of about 3,000-6,200 tokens (this vocabulary is about one token per word)."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for i in range(rows):
+            total = int(rng.integers(2950, 6150))
+            p = int(total * rng.uniform(0.2, 0.8))
+            f.write(json.dumps({"id": f"L{i}", "prompt": words(rng, p) + "?",
+                                "response": words(rng, total - p) + "."}) + "\n")
+
+
+def make_best_of_n_dataset(path: Path, prompts: int, n: int = 8, seed: int = 3):
+    """`prompts` long prompts, each with `n` short responses: the case prefix sharing is for."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for p in range(prompts):
+            prompt = words(rng, int(rng.integers(600, 1400))) + "?"
+            for k in range(n):
+                f.write(json.dumps({"id": f"b{p}_{k}", "prompt": prompt,
+                                    "response": words(rng, int(rng.integers(80, 400))) + "."}) + "\n")
+
+
+def read_rows(path: Path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def write_rows(path: Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- transformers reference
+
+
+class Tokens:
+    """The chat template and gating-token search, as ArmoRM's model card does them."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
+
+    def encode(self, row):
+        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        ids = self.tok.apply_chat_template(msgs, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def gate(self, ids):
+        n = len(self.pattern)
+        return next(j for j in range(len(ids) - n, -1, -1) if ids[j:j + n] == self.pattern)
+
+
+class Reference:
+    """transformers' LlamaModel (sdpa) + ArmoRM's head (f32), on `device`."""
+
+    def __init__(self, model_dir: Path, tokens: Tokens, device, dtype):
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+        from transformers import LlamaConfig, LlamaModel
         cfg = LlamaConfig.from_pretrained(str(model_dir))
         cfg.pad_token_id = None
         cfg._attn_implementation = "sdpa"
@@ -129,20 +214,20 @@ class Reference:
                 else:
                     self.head[k] = v.float()
         self.model.load_state_dict(state, strict=False, assign=True)
+        # The rotary frequencies are a buffer the checkpoint does not hold: built in f32, as
+        # from_pretrained builds them whatever the weights' dtype.
         self.model.rotary_emb = type(self.model.rotary_emb)(config=cfg)
         self.model.to(device).eval()
-        self.device, self.dtype = device, dtype
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
+        self.device, self.dtype, self.tokens = device, dtype, tokens
 
-    def encode(self, row):
-        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        ids = self.tok.apply_chat_template(msgs, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def gate(self, ids):
-        n = len(self.pattern)
-        return next(j for j in range(len(ids) - n, -1, -1) if ids[j:j + n] == self.pattern)
+    def to_dtype(self, dtype):
+        """Weights to `dtype` in place, instead of a second load: exact both ways, since they were bf16
+        on disk. Buffers (the rotary frequencies) stay f32."""
+        for p in self.model.parameters():
+            p.data = p.data.to(dtype)
+        self.dtype = dtype
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def scores(self, last, gate):
         w = self.head
@@ -154,42 +239,35 @@ class Reference:
         gating = torch.softmax(x / 10, dim=-1) * w["gating.logit_scale"][0]
         return (rewards * (gating @ w["reward_transform_matrix"].T)).sum(-1)
 
-    def run(self, encoded, batch_size):
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        out = [None] * len(encoded)
+    def run(self, encoded: dict, batch_size):
+        """Scores {id: token ids} in length-sorted padded batches; returns ({id: score}, seconds)."""
+        sync()
+        start = time.perf_counter()
+        ids_sorted = sorted(encoded, key=lambda k: len(encoded[k]))
+        out = {}
         with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                t = max(len(encoded[i]) for i in idx)
-                ids = torch.zeros((len(idx), t), dtype=torch.long)
-                mask = torch.zeros((len(idx), t), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[r, :len(encoded[i])] = 1
-                hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                rows = torch.arange(len(idx), device=self.device)
-                last = hidden[rows, torch.tensor([len(encoded[i]) - 1 for i in idx], device=self.device)]
-                gate = hidden[rows, torch.tensor([self.gate(encoded[i]) for i in idx], device=self.device)]
-                for i, sc in zip(idx, self.scores(last, gate).tolist()):
-                    out[i] = sc
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+            for s in range(0, len(ids_sorted), batch_size):
+                keys = ids_sorted[s:s + batch_size]
+                rows = [encoded[k] for k in keys]
+                t = max(len(r) for r in rows)
+                ids = torch.zeros((len(rows), t), dtype=torch.long)
+                mask = torch.zeros((len(rows), t), dtype=torch.long)
+                for r, row in enumerate(rows):
+                    ids[r, :len(row)] = torch.tensor(row)
+                    mask[r, :len(row)] = 1
+                hidden = self.model(input_ids=ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).last_hidden_state
+                at = torch.arange(len(rows), device=self.device)
+                last = hidden[at, torch.tensor([len(r) - 1 for r in rows], device=self.device)]
+                gate = hidden[at, torch.tensor([self.tokens.gate(r) for r in rows], device=self.device)]
+                out.update(zip(keys, self.scores(last, gate).tolist()))
+        sync()
+        return out, time.perf_counter() - start
 
 
-def run_armorm(binary, model_dir, data, device, dtype, extra=()):
-    out = Path(tempfile.mkdtemp()) / "out.jsonl"
-    cmd = [str(binary), "score", str(data), "--model", str(model_dir), "-o", str(out), "--device", device,
-           "--dtype", dtype, *extra]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        raise SystemExit(f"armorm failed ({' '.join(cmd)}):\n{p.stderr}")
-    summary = [l for l in p.stderr.splitlines() if "scored" in l][-1]
-    seconds = float(summary.split(" in ")[1].split(" s")[0])
-    scores = [json.loads(l)["score"] for l in out.read_text().splitlines()]
-    return seconds, wall, scores, summary
+def sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def matmul_tflops(device, dtype):
@@ -207,75 +285,415 @@ def matmul_tflops(device, dtype):
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
 
 
+# ---------------------------------------------------------------- armorm
+
+
+class Armorm:
+    """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
+
+    def __init__(self, binary, model_dir, device, budget, work: Path):
+        self.binary, self.model_dir, self.device, self.budget = str(binary), model_dir, device, budget
+        self.cache = work / "cuda-cache"
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+    def run(self, data: Path, dtype, env=None, sample_gpu=False):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.jsonl"
+            cmd = [self.binary, "score", str(data), "--model", str(self.model_dir), "-o", str(out),
+                   "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget)]
+            full_env = {**os.environ, "CUDA_CACHE_PATH": str(self.cache),
+                        "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
+            sampler = GpuSampler() if sample_gpu else None
+            t = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+            wall = time.perf_counter() - t
+            gpu = sampler.stop() if sampler else None
+            if p.returncode != 0:
+                raise RuntimeError(f"armorm failed ({' '.join(cmd)}):\n{p.stderr[-2000:]}")
+            scores = {r["id"]: r["score"] for r in map(json.loads, out.read_text().splitlines())}
+        summary = [l for l in p.stderr.splitlines() if "scored" in l][-1]
+        seconds = float(summary.split(" in ")[1].split(" s")[0])
+        return dict(seconds=seconds, wall=wall, scores=scores, summary=summary, gpu=gpu,
+                    profile=parse_profile(p.stderr))
+
+    def cache_mib(self):
+        return sum(f.stat().st_size for f in self.cache.rglob("*") if f.is_file()) / 2 ** 20
+
+
+PROFILE_LINE = re.compile(r"^armorm: profile: (\S+)\s+([\d.]+) s\s+([\d.]+)%")
+
+
+def parse_profile(stderr):
+    """[(section, seconds, share %)] from ARMORM_PROFILE's lines, largest first."""
+    return [(m[1], float(m[2]), float(m[3])) for m in map(PROFILE_LINE.match, stderr.splitlines()) if m]
+
+
+class GpuSampler:
+    """nvidia-smi every 250 ms while armorm runs: utilization and power, to tell host from kernels."""
+
+    def __init__(self):
+        try:
+            self.p = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,power.draw,memory.used",
+                 "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.p = None
+
+    def stop(self):
+        if self.p is None:
+            return None
+        self.p.terminate()
+        text, _ = self.p.communicate()
+        vals = []
+        for line in text.splitlines():
+            try:
+                vals.append([float(x) for x in line.split(",")])
+            except ValueError:
+                pass
+        if not vals:
+            return None
+        # Busy samples only: the load phase would drag the mean down.
+        busy = [v for v in vals if v[0] > 0] or vals
+        return dict(util=float(np.mean([v[0] for v in busy])), watts=float(np.mean([v[1] for v in busy])),
+                    mem_mib=max(v[2] for v in vals))
+
+
+# ---------------------------------------------------------------- the check
+
+
+class Check:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.phases = [p for p in PHASES if p not in args.skip and (p != "best-of-8" or args.best_of_8)]
+        self.phase_seconds = {}
+        self.res = {"shape": args.shape, "phases_skipped": []}
+        self.ref = None
+
+    def on(self, phase):
+        if phase not in self.phases:
+            return False
+        if time.perf_counter() - T0 > self.args.time_limit:
+            log(f"skipping {phase}: past --time-limit {self.args.time_limit} s")
+            self.res["phases_skipped"].append(phase)
+            return False
+        return True
+
+    def timed(self, name, fn):
+        """A phase that fails is reported and the others still run: a device lease is too short to
+        lose every number to one error."""
+        t = time.perf_counter()
+        log(f"== {name}")
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            log(f"PHASE FAILED: {name}: {type(e).__name__}: {e}")
+            self.res.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
+        self.phase_seconds[name] = time.perf_counter() - t
+
+    def setup(self):
+        a = self.args
+        self.model_dir = self.work / f"model-{a.shape}"
+        if not (self.model_dir / "config.json").exists():
+            log(f"generating random {a.shape} weights ...")
+            generate(self.model_dir, SHAPES[a.shape], self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.cfg = json.loads((self.model_dir / "config.json").read_text())
+        self.tokens = Tokens(self.model_dir)
+        short, long_, bo8 = self.work / "short.jsonl", self.work / "long.jsonl", self.work / "best-of-8.jsonl"
+        make_dataset(short, a.rows, seed=1)
+        make_long_dataset(long_, a.long_rows)
+        self.sets = {"short": short, "long": long_}
+        if "best-of-8" in self.phases:
+            make_best_of_n_dataset(bo8, a.best_of_8_prompts)
+            self.sets["best-of-8"] = bo8
+        self.rows = {k: read_rows(p) for k, p in self.sets.items()}
+        self.enc = {k: {r["id"]: self.tokens.encode(r) for r in rows} for k, rows in self.rows.items()}
+        self.lens = {k: [len(e) for e in enc.values()] for k, enc in self.enc.items()}
+        self.flops = {k: model_flops(self.cfg, lens) for k, lens in self.lens.items()}
+        # The first rows of each set: f32 parity on `check`, Pearson figures on `acc`.
+        self.check_rows = self.rows["short"][:a.check_rows] + self.rows["long"][:a.check_long_rows]
+        self.acc_ids = [r["id"] for r in self.rows["short"][:a.acc_rows]] + \
+                       [r["id"] for r in self.rows["long"][:a.check_long_rows]]
+        for k, lens in self.lens.items():
+            log(f"{k}: {len(lens)} rows, {sum(lens)} tokens, {min(lens)}-{max(lens)} per row, "
+                f"{self.flops[k] / 1e15:.3f} PFLOP")
+        self.res["sets"] = {k: dict(rows=len(l), tokens=sum(l), shortest=min(l), longest=max(l),
+                                    pflop=self.flops[k] / 1e15) for k, l in self.lens.items()}
+        self.peak = matmul_tflops(self.device, torch.bfloat16)
+        self.res["matmul_tflops"] = self.peak
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            self.res["gpu"] = dict(name=torch.cuda.get_device_name(), free_gib=free / 2 ** 30,
+                                   total_gib=total / 2 ** 30)
+        self.armorm = Armorm(a.armorm, self.model_dir, "cuda:0" if self.device.type == "cuda" else "cpu",
+                             a.max_batch_tokens, self.work)
+
+    # -- armorm phases
+
+    def compile(self):
+        """First run on an empty JIT cache, second on the filled one: the difference is the compile."""
+        tiny = write_rows(self.work / "warmup.jsonl", self.rows["short"][:4])
+        first = self.armorm.run(tiny, "bf16")
+        c = dict(first_wall=first["wall"], first_scoring=first["seconds"], cache_mib=self.armorm.cache_mib())
+        if self.on("compile"):
+            second = self.armorm.run(tiny, "bf16")
+            c.update(second_wall=second["wall"], second_scoring=second["seconds"])
+            c["compile_s"] = first["wall"] - second["wall"]
+            log(f"first run {first['wall']:.1f} s, second {second['wall']:.1f} s: compile ~{c['compile_s']:.1f} s; "
+                f"JIT cache {c['cache_mib']:.0f} MiB")
+        self.res["compile"] = c
+
+    def armorm_case(self, case):
+        r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda")
+        log(f"armorm bf16 {case}: {r['summary']} (wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
+        self.res.setdefault("armorm", {})[case] = {k: r[k] for k in ("seconds", "wall", "summary", "gpu")}
+        self.res["armorm"][case]["scores"] = r["scores"]
+
+    def profile(self):
+        a = self.args
+        for case, n in (("short", a.profile_rows), ("long", a.profile_long_rows)):
+            if n == 0:
+                continue
+            data = write_rows(self.work / f"profile-{case}.jsonl", self.rows[case][:n])
+            r = self.armorm.run(data, "bf16", env={"ARMORM_PROFILE": "1"})
+            if not r["profile"]:
+                raise RuntimeError(f"ARMORM_PROFILE=1 printed no profile for {case}")
+            tokens = sum(self.lens[case][:n])
+            self.res.setdefault("profile", {})[case] = dict(rows=n, tokens=tokens, seconds=r["seconds"],
+                                                           sections=r["profile"])
+            log(f"profile {case} ({n} rows, {tokens / r['seconds']:.0f} tok/s while profiled): " +
+                ", ".join(f"{s} {share:.1f}%" for s, _, share in r["profile"][:6]))
+
+    def armorm_f32(self):
+        check = write_rows(self.work / "check.jsonl", self.check_rows)
+        r = self.armorm.run(check, "f32")
+        self.res["armorm_f32"] = r["scores"]
+        log(f"armorm f32 on {len(self.check_rows)} check rows: {r['summary']}")
+
+    # -- transformers phases
+
+    def reference(self, dtype):
+        if self.ref is None:
+            t = time.perf_counter()
+            self.ref = Reference(self.model_dir, self.tokens, self.device, dtype)
+            log(f"transformers loaded in {dtype} ({time.perf_counter() - t:.1f} s)")
+        elif self.ref.dtype != dtype:
+            self.ref.to_dtype(dtype)
+        return self.ref
+
+    def parity(self):
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("highest")  # no TF32: f32 must mean f32 here
+        ref = self.reference(torch.float32)
+        ids = list(dict.fromkeys(self.acc_ids + [r["id"] for r in self.check_rows]))
+        enc = {i: self.enc["short"].get(i) or self.enc["long"][i] for i in ids}
+        short = {i: e for i, e in enc.items() if not i.startswith("L")}
+        long_ = {i: e for i, e in enc.items() if i.startswith("L")}
+        r32, s1 = ref.run(short, self.args.f32_batch_size) if short else ({}, 0.0)
+        r32_long, s2 = ref.run(long_, 2) if long_ else ({}, 0.0)
+        r32.update(r32_long)
+        self.res["tf_f32"] = r32
+        a32 = self.res.get("armorm_f32", {})
+        for case, pred in (("short", lambda i: not i.startswith("L")), ("long", lambda i: i.startswith("L"))):
+            keys = [i for i in a32 if pred(i)]
+            if keys:
+                d = max(abs(a32[i] - r32[i]) for i in keys)
+                self.res.setdefault("f32_parity", {})[case] = dict(rows=len(keys), max_abs_diff=d)
+                log(f"f32 parity {case}: max |diff| {d:.2e} on {len(keys)} rows")
+        log(f"transformers f32 on {len(r32)} accuracy rows: {s1 + s2:.1f} s")
+
+    def sweep(self):
+        ref = self.reference(torch.bfloat16)
+        for case, sizes in (("short", self.args.tf_batch_sizes), ("long", self.args.tf_long_batch_sizes)):
+            if case == "long" and "long" not in self.phases:
+                continue
+            self.tf_case(ref, case, sizes)
+
+    def tf_case(self, ref, case, sizes):
+        enc = self.enc[case]
+        runs = {}
+        for bs in sizes:
+            if runs and time.perf_counter() - T0 > self.args.time_limit:
+                log(f"skipping transformers {case} at batch sizes >= {bs}: past --time-limit")
+                self.res["phases_skipped"].append(f"sweep {case} x{bs}")
+                break
+            # Warm-up on the longest batch this size makes: allocator and kernels ready before timing.
+            longest = dict(sorted(enc.items(), key=lambda kv: -len(kv[1]))[:bs])
+            try:
+                ref.run(longest, bs)
+                scores, secs = ref.run(enc, bs)
+            except torch.OutOfMemoryError:
+                log(f"transformers bf16 {case}, sorted batches of {bs}: out of memory")
+                self.res.setdefault("errors", []).append(f"transformers {case} x{bs}: out of memory")
+                torch.cuda.empty_cache()
+                continue
+            runs[bs] = dict(seconds=secs, scores=scores)
+            log(f"transformers bf16 {case}, sorted batches of {bs}: {secs:.2f} s, "
+                f"{sum(self.lens[case]) / secs:.0f} tok/s")
+        if not runs:
+            return
+        best = min(runs, key=lambda bs: runs[bs]["seconds"])
+        self.res.setdefault("tf_bf16", {})[case] = dict(runs={bs: r["seconds"] for bs, r in runs.items()},
+                                                       best=best, scores=runs[best]["scores"])
+
+    def run(self):
+        """Most wanted first, so that --time-limit cuts the least useful: armorm's own runs, the
+        transformers sweep the ratios need, then the f32 reference."""
+        self.timed("setup", self.setup)
+        # A warm-up run always: later timings must not include the first run's kernel compile.
+        self.timed("compile", self.compile)
+        for case in ("short", "long"):
+            if self.on(case):
+                self.timed(f"armorm {case}", lambda: self.armorm_case(case))
+        if self.on("profile"):
+            self.timed("profile", self.profile)
+        if self.on("best-of-8"):
+            self.timed("armorm best-of-8", lambda: self.armorm_case("best-of-8"))
+        parity = self.on("parity")
+        if parity:
+            self.timed("armorm f32", self.armorm_f32)
+        if self.on("sweep"):
+            self.timed("transformers bf16", self.sweep)
+        if self.on("best-of-8"):
+            best_short = self.res.get("tf_bf16", {}).get("short", {}).get("best")
+            sizes = [best_short] if best_short else self.args.tf_batch_sizes
+            self.timed("transformers best-of-8", lambda: self.tf_case(self.reference(torch.bfloat16),
+                                                                      "best-of-8", sizes))
+        if parity and self.on("parity"):
+            self.timed("transformers f32", self.parity)
+        self.res["phase_seconds"] = self.phase_seconds
+        self.res["total_seconds"] = time.perf_counter() - T0
+        return self.summary()
+
+    # -- the summary
+
+    def mfu(self, case, secs):
+        return self.flops[case] / secs / 1e12 / BF16_DENSE_TFLOPS
+
+    def pearson(self, a, b):
+        keys = [i for i in self.acc_ids if i in a and i in b]
+        if len(keys) < 3:
+            return None, 0
+        return float(np.corrcoef([a[i] for i in keys], [b[i] for i in keys])[0, 1]), len(keys)
+
+    def summary(self):
+        res, p = self.res, print
+        gpu = res.get("gpu", {})
+        p("\n" + "=" * 100)
+        memory = f"  free {gpu['free_gib']:.0f}/{gpu['total_gib']:.0f} GiB" if gpu else ""
+        p(f"GPU CHECK  {gpu.get('name', 'cpu')}  shape {res['shape']}{memory}  measured bf16 matmul "
+          f"{res['matmul_tflops']:.0f} TFLOP/s (MFU below is of {BF16_DENSE_TFLOPS:.0f})")
+        p("phases: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.phase_seconds.items()) +
+          f"; total {res['total_seconds']:.0f} s")
+        c = res.get("compile", {})
+        if "compile_s" in c:
+            p(f"kernel compile: first run {c['first_wall']:.1f} s, second {c['second_wall']:.1f} s -> "
+              f"~{c['compile_s']:.1f} s on a fresh node; JIT cache {c['cache_mib']:.0f} MiB (CUDA_CACHE_PATH)")
+        p(f"{'case':10} {'pipeline':34} {'seconds':>8} {'tok/s':>8} {'MFU':>6} {'vs best tf':>10}")
+        goals = []
+        for case, (ratio_goal, mfu_goal) in (("short", (1.5, 0.55)), ("long", (2.0, 0.45)),
+                                            ("best-of-8", (None, None))):
+            arm = res.get("armorm", {}).get(case)
+            tf = res.get("tf_bf16", {}).get(case)
+            if not arm and not tf:
+                continue
+            tokens = res["sets"][case]["tokens"]
+            best = min(tf["runs"].values()) if tf else None
+            rows = []
+            if arm:
+                rows.append((f"armorm bf16 (budget {self.args.max_batch_tokens})", arm["seconds"]))
+            for bs, s in (tf or {}).get("runs", {}).items():
+                rows.append((f"transformers bf16 sdpa, sorted x{bs}", s))
+            for label, s in rows:
+                vs = f"{best / s:9.2f}x" if best else ""
+                p(f"{case:10} {label:34} {s:8.2f} {tokens / s:8.0f} {self.mfu(case, s):6.1%} {vs:>10}")
+            if arm and ratio_goal:
+                mfu = self.mfu(case, arm["seconds"])
+                if best:
+                    goals.append((f"{case}: armorm / best transformers >= {ratio_goal}x",
+                                   f"{best / arm['seconds']:.2f}x", best / arm["seconds"] >= ratio_goal))
+                goals.append((f"{case}: armorm MFU >= {mfu_goal:.0%}", f"{mfu:.1%}", mfu >= mfu_goal))
+            if arm and arm.get("gpu"):
+                g = arm["gpu"]
+                p(f"{'':10} armorm while scoring: GPU busy {g['util']:.0f}%, {g['watts']:.0f} W, "
+                  f"{g['mem_mib'] / 1024:.1f} GiB used")
+        for case, prof in res.get("profile", {}).items():
+            top = ", ".join(f"{s} {share:.1f}%" for s, _, share in prof["sections"][:8])
+            p(f"profile {case} ({prof['rows']} rows, {prof['tokens'] / prof['seconds']:.0f} tok/s profiled): {top}")
+        ok = True
+        for case, par in res.get("f32_parity", {}).items():
+            good = par["max_abs_diff"] <= 1e-3
+            ok &= good
+            p(f"f32 parity {case}: max |diff| {par['max_abs_diff']:.2e} on {par['rows']} rows "
+              f"({'ok' if good else 'FAILED'}, must be <= 1e-3)")
+        a16 = {**res.get("armorm", {}).get("short", {}).get("scores", {}),
+               **res.get("armorm", {}).get("long", {}).get("scores", {})}
+        t16 = {**res.get("tf_bf16", {}).get("short", {}).get("scores", {}),
+               **res.get("tf_bf16", {}).get("long", {}).get("scores", {})}
+        t32 = res.get("tf_f32", {})
+        pa, n = self.pearson(a16, t32)
+        pt, _ = self.pearson(t16, t32)
+        pat, _ = self.pearson(a16, t16)
+        fmt = lambda v: "n/a" if v is None else f"{v:.5f}"  # noqa: E731
+        p(f"bf16 Pearson on {n} rows: armorm vs transformers-f32 {fmt(pa)} | transformers-bf16 vs "
+          f"transformers-f32 {fmt(pt)} | armorm vs transformers-bf16 {fmt(pat)}")
+        res["pearson"] = dict(rows=n, armorm_vs_tf32=pa, tf16_vs_tf32=pt, armorm_vs_tf16=pat)
+        if pa is not None and pt is not None:
+            goals.append(("bf16: armorm agrees with tf-f32 as well as tf-bf16 does", f"{pa:.5f} vs {pt:.5f}",
+                          pa >= pt - 1e-4))
+        if pa is not None:
+            ok &= pa >= 0.99
+        res["goals"] = [dict(goal=g, value=v, met=m) for g, v, m in goals]
+        for g, v, m in goals:
+            p(f"goal {g}: {v} {'MET' if m else 'not met'}")
+        if res["phases_skipped"]:
+            p(f"skipped for time: {', '.join(res['phases_skipped'])}")
+        for e in res.get("errors", []):
+            ok = False
+            p(f"ERROR {e.splitlines()[0]}")
+        p("GPU CHECK OK (correctness; the goals above are the speed targets)" if ok else "GPU CHECK FAILED")
+        return ok
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--armorm", required=True)
     ap.add_argument("--work", default="/tmp/armorm-gpu-check")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="8b", choices=SHAPES)
-    ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--check-rows", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=8, help="transformers' padded batch size")
+    ap.add_argument("--rows", type=int, default=1024, help="short rows (~265 tokens)")
+    ap.add_argument("--long-rows", type=int, default=32, help="long rows (3,000-6,200 tokens)")
+    ap.add_argument("--check-rows", type=int, default=8, help="short rows for f32 parity")
+    ap.add_argument("--check-long-rows", type=int, default=4, help="long rows for f32 parity")
+    ap.add_argument("--acc-rows", type=int, default=128, help="short rows for the Pearson figures")
+    ap.add_argument("--profile-rows", type=int, default=256, help="short rows of the ARMORM_PROFILE run")
+    ap.add_argument("--profile-long-rows", type=int, default=8, help="long rows of the ARMORM_PROFILE run")
+    ap.add_argument("--tf-batch-sizes", type=ints, default=[8, 16, 32, 64])
+    ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8])
+    ap.add_argument("--f32-batch-size", type=int, default=32, help="transformers f32 on the accuracy rows")
     ap.add_argument("--max-batch-tokens", type=int, default=32768, help="armorm's token budget")
+    ap.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help=f"comma-separated phases to skip, of {','.join(PHASES)}")
+    ap.add_argument("--best-of-8", action="store_true", help="also the best-of-8 case (for issue 12)")
+    ap.add_argument("--best-of-8-prompts", type=int, default=64)
+    ap.add_argument("--time-limit", type=float, default=400,
+                    help="seconds after which the phases not yet started are skipped (the summary still prints)")
+    ap.add_argument("--json", default=None, help="write every number here [default: WORK/gpu-check.json]")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    armorm_device = "cuda:0" if device.type == "cuda" else "cpu"
-    work = Path(args.work)
-    model_dir = work / f"model-{args.shape}"
-    if not (model_dir / "config.json").exists():
-        log(f"generating random {args.shape} weights ...")
-        generate(model_dir, SHAPES[args.shape], device)
-    log("weights ready")
-    data = work / "rows.jsonl"
-    make_dataset(data, args.rows, seed=1)
-    rows = [json.loads(l) for l in data.read_text().splitlines()]
-    check = work / "check.jsonl"
-    check.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.check_rows]))
-    cfg = json.loads((model_dir / "config.json").read_text())
-    budget = ["--max-batch-tokens", str(args.max_batch_tokens)]
-
-    # 1. Parity in f32 on a few rows.
-    _, _, a32, _ = run_armorm(args.armorm, model_dir, check, armorm_device, "f32", budget)
-    log("armorm f32 check rows scored")
-    ref = Reference(model_dir, device, torch.float32)
-    enc_check = [ref.encode(r) for r in rows[: args.check_rows]]
-    r32 = ref.run(enc_check, args.batch_size)
-    del ref
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    d32 = max(abs(a - b) for a, b in zip(a32, r32))
-    log(f"f32 parity on {len(a32)} rows: max |diff| {d32:.2e}")
-
-    # 2. bf16 timing on all rows, armorm first (its own process), then transformers.
-    secs, wall, a16, summary = run_armorm(args.armorm, model_dir, data, armorm_device, "bf16", budget)
-    log(f"armorm bf16: {summary}  (wall with load {wall:.1f}s)")
-    ref = Reference(model_dir, device, torch.bfloat16)
-    encoded = [ref.encode(r) for r in rows]
-    ref.run(encoded[: args.batch_size], args.batch_size)  # warm-up
-    t = time.perf_counter()
-    r16 = ref.run(encoded, args.batch_size)
-    ref_secs = time.perf_counter() - t
-    log("transformers bf16 done")
-
-    lens = [len(e) for e in encoded]
-    tokens = sum(lens)
-    flops = model_flops(cfg, lens)
-    peak = matmul_tflops(device, torch.bfloat16)
-    pearson = float(np.corrcoef(np.array(a16), np.array(r16))[0, 1])
-    d16 = max(abs(a - b) for a, b in zip(a16, r16))
-    print()
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; shape {args.shape}; "
-          f"{len(rows)} rows, {tokens} tokens, longest {max(lens)}; {flops / 1e15:.2f} PFLOP useful")
-    print(f"measured bf16 matmul: {peak:.0f} TFLOP/s (datasheet dense: {H100_BF16_DENSE_TFLOPS:.0f})")
-    print(f"{'pipeline':34} {'seconds':>8} {'tokens/s':>9} {'MFU(datasheet)':>15} {'MFU(measured)':>14}")
-    for label, s in [(f"armorm bf16 (budget {args.max_batch_tokens})", secs),
-                     (f"transformers bf16 sdpa, sorted x{args.batch_size}", ref_secs)]:
-        tf = flops / s / 1e12
-        print(f"{label:34} {s:8.2f} {tokens / s:9.0f} {tf / H100_BF16_DENSE_TFLOPS:14.1%} {tf / peak:13.1%}")
-    print(f"armorm / transformers: {ref_secs / secs:.2f}x")
-    print(f"parity: f32 max |diff| {d32:.2e} on {len(a32)} rows (must be <= 1e-3); "
-          f"bf16 Pearson {pearson:.5f}, max |diff| {d16:.3f} on {len(rows)} rows")
-    ok = d32 <= 1e-3 and pearson >= 0.99
-    print("GPU CHECK OK" if ok else "GPU CHECK FAILED")
+    unknown = set(args.skip) - set(PHASES)
+    if unknown:
+        ap.error(f"--skip: unknown phases {sorted(unknown)}; phases are {','.join(PHASES)}")
+    check = Check(args)
+    ok = check.run()
+    path = Path(args.json) if args.json else check.work / "gpu-check.json"
+    path.write_text(json.dumps(check.res, indent=1, default=str))
+    print(f"numbers: {path}")
     sys.exit(0 if ok else 1)
 
 

@@ -3,10 +3,12 @@
 
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::batch;
 use crate::encoder::Encoded;
-use crate::model::{ArmoRM, FlatBatch, HeadOutput, RowScore};
+use crate::model::{ArmoRM, FlatBatch, HeadOutput, Profile, RowScore, Section};
 
 /// Why one row has no scores although the model ran: the rest of its window is unaffected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -34,6 +36,8 @@ pub struct Scorer {
     /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches (single rows included)
     /// above this many padded tokens fail as if the GPU were out of memory.
     simulate_oom_above: Option<usize>,
+    /// Where the time of each forward pass goes, when asked for (`with_profile`).
+    profile: Option<Arc<Profile>>,
 }
 
 impl Scorer {
@@ -47,7 +51,24 @@ impl Scorer {
             simulate_oom_above: std::env::var("ARMORM_SIMULATE_OOM_ABOVE_TOKENS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            profile: None,
         }
+    }
+
+    /// Times every section of every forward pass, and each batch end to end, into `profile`: a
+    /// breakdown of where the device's time goes, at the cost of synchronizing it around each
+    /// section (see `model::profile`).
+    pub fn with_profile(mut self, profile: Arc<Profile>) -> Self {
+        self.models = std::mem::take(&mut self.models)
+            .into_iter()
+            .map(|m| m.with_profile(profile.clone()))
+            .collect();
+        self.profile = Some(profile);
+        self
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_deref()
     }
 
     /// Scores `lanes` batches of a window at once, each on its own thread, and splits the token budget
@@ -157,10 +178,14 @@ impl Scorer {
             flat.push(&encoded[i].ids, encoded[i].gate);
         }
         let tokens = flat.padded_tokens();
+        let started = self.profile.as_ref().map(|_| Instant::now());
         match self.forward(model, &flat) {
             Ok(head) => {
-                let scored = head.rows(&flat.lens())?.into_iter().map(finite);
+                let scored = self.unpack(&head, &flat.lens())?.into_iter().map(finite);
                 out.extend(rows.iter().copied().zip(scored));
+                if let (Some(profile), Some(started)) = (&self.profile, started) {
+                    profile.add_batch(started.elapsed());
+                }
                 Ok(tokens)
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
@@ -199,6 +224,17 @@ impl Scorer {
             ));
         }
         model.forward(flat)
+    }
+
+    /// The copy to the host waits for the device, so it needs no synchronization of its own.
+    fn unpack(&self, out: &HeadOutput, lens: &[usize]) -> candle_core::Result<Vec<RowScore>> {
+        let Some(profile) = &self.profile else {
+            return out.rows(lens);
+        };
+        let started = Instant::now();
+        let rows = out.rows(lens)?;
+        profile.add(Section::Readback, started.elapsed());
+        Ok(rows)
     }
 }
 

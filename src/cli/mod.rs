@@ -14,7 +14,7 @@ use armorm::input::{
     ColumnNames, DEFAULT_MAX_LINE_BYTES, MESSAGES_COLUMN, PROMPT_COLUMN, RESPONSE_COLUMN,
 };
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
-use armorm::model::ArmoRMConfig;
+use armorm::model::{ArmoRMConfig, Profile};
 use armorm::pipeline::EncodeStage;
 use armorm::scorer::Scorer;
 
@@ -121,7 +121,10 @@ impl ModelArgs {
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
-        let scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
+        let mut scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
+        if profile_requested() {
+            scorer = scorer.with_profile(std::sync::Arc::new(Profile::default()));
+        }
         Ok(Loaded {
             encode: EncodeStage {
                 encoder,
@@ -148,6 +151,13 @@ impl ModelArgs {
             Some(n) => Ok(n),
         }
     }
+}
+
+/// `ARMORM_PROFILE=1` (any value but empty or 0): time each section of the forward pass and print
+/// the breakdown at the end. An environment variable, not a flag: it is a diagnostic that slows the
+/// run down, and a job script can switch it on without changing the command.
+fn profile_requested() -> bool {
+    std::env::var_os("ARMORM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// How the run uses the machine and the terminal.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use armorm::model::profile::Report;
 use armorm::pipeline::{Observer, Stats};
 
 /// Resolution of the bar when the input size is known: per mille of the input read.
@@ -75,6 +76,42 @@ pub fn summary(s: &Stats) -> String {
         s.tokens_per_second(),
         s.padding_overhead()
     )
+}
+
+/// The `ARMORM_PROFILE` breakdown: one line per section, largest first, each with its share of the
+/// batches' time; lines start with `armorm: profile:` so that scripts can pick them out.
+pub fn profile(report: &Report) -> String {
+    let total = report.total.as_secs_f64();
+    let share = |secs: f64| {
+        if total > 0.0 {
+            100.0 * secs / total
+        } else {
+            0.0
+        }
+    };
+    let mut sections = report.sections.clone();
+    sections.sort_by_key(|s| std::cmp::Reverse(s.time));
+    let mut out = format!(
+        "armorm: profile: {} batches, {total:.3} s in the model, summed over lanes and devices (the \
+         device is synchronized around each section, so this run is slower than an unprofiled one)\n",
+        report.batches
+    );
+    for s in sections.iter().filter(|s| s.calls > 0) {
+        let secs = s.time.as_secs_f64();
+        out += &format!(
+            "armorm: profile: {:<13} {secs:>10.3} s {:>6.1}% {:>9} calls\n",
+            s.section.name(),
+            share(secs),
+            s.calls
+        );
+    }
+    let rest = report.unattributed().as_secs_f64();
+    out += &format!(
+        "armorm: profile: {:<13} {rest:>10.3} s {:>6.1}%\n",
+        "unattributed",
+        share(rest)
+    );
+    out
 }
 
 /// This process's peak resident memory (Linux's VmHWM, which unlike getrusage's maxrss does not carry

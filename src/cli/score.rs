@@ -294,6 +294,9 @@ impl<'a> Job<'a> {
             progress,
         )?;
         progress.finish(&stats);
+        if let Some(profile) = loaded.scorer.profile() {
+            eprint!("{}", super::progress::profile(&profile.report()));
+        }
         if stats.skipped > 0 {
             return Err(RowsSkipped(stats.skipped).into());
         }

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::ArmoRMConfig;
+use super::profile::{Section, Timer};
 use super::rope;
 
 #[derive(Debug, Clone)]
@@ -63,54 +64,57 @@ impl Attention {
 
     /// Queries at every token. `xs` (n, h) flat -> (n, h).
     fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let q = self.rope(
-            &self.q_proj.forward(xs)?,
-            self.num_heads,
-            &lay.cos,
-            &lay.sin,
-        )?; // (n, nh·d)
+        let tm = &lay.timer;
+        let q = tm.time(Section::Qkv, || self.q_proj.forward(xs))?;
+        let q = tm.time(Section::Rope, move || {
+            self.rope(&q, self.num_heads, &lay.cos, &lay.sin)
+        })?; // (n, nh·d)
         let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
-        let q = lay.pad(&q, self.num_heads, self.head_dim)?; // (b, nh, t, d)
-        let out = self.attend_causal(&q, &k, &v, &lay.causal)?; // (b, nh, t, d)
-        let out = lay.unpad(&out)?; // (n, nh·d)
-        self.o_proj.forward(&out)
+        let q = tm.time(Section::Gather, move || {
+            lay.pad(&q, self.num_heads, self.head_dim)
+        })?; // (b, nh, t, d)
+        let out = self.attend_causal(&q, &k, &v, &lay.causal, tm)?; // (b, nh, t, d)
+        let out = tm.time(Section::Gather, move || lay.unpad(&out))?; // (n, nh·d)
+        tm.time(Section::OProj, move || self.o_proj.forward(&out))
     }
 
     /// Queries only at `lay.picks`, the tokens a reward model reads; keys and values at every token.
     /// `xs` (n, h) flat -> (p, h), p = 2b.
     fn forward_picked(&self, xs: &Tensor, picked: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let q = self.rope(
-            &self.q_proj.forward(picked)?,
-            self.num_heads,
-            &lay.pick_cos,
-            &lay.pick_sin,
-        )?; // (p, nh·d)
+        let tm = &lay.timer;
+        let q = tm.time(Section::Qkv, || self.q_proj.forward(picked))?;
+        let q = tm.time(Section::Rope, move || {
+            self.rope(&q, self.num_heads, &lay.pick_cos, &lay.pick_sin)
+        })?; // (p, nh·d)
         let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
         let per_row = lay.picks.len() / lay.b;
         // Picks are grouped by kind (all last tokens, then all gates): (per_row, b, nh, d) -> (b, nh, per_row, d).
-        let q = q
-            .reshape((per_row, lay.b, self.num_heads, self.head_dim))?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?;
-        let out = self.attend(&q, &k, &v, &lay.pick_mask)?; // (b, nh, per_row, d)
-        let out = out
-            .permute((2, 0, 1, 3))?
-            .reshape((per_row * lay.b, self.num_heads * self.head_dim))?; // (p, nh·d)
-        self.o_proj.forward(&out)
+        let q = tm.time(Section::Gather, move || {
+            q.reshape((per_row, lay.b, self.num_heads, self.head_dim))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()
+        })?;
+        let out = self.attend(&q, &k, &v, &lay.pick_mask, tm)?; // (b, nh, per_row, d)
+        let out = tm.time(Section::Gather, move || {
+            out.permute((2, 0, 1, 3))?
+                .reshape((per_row * lay.b, self.num_heads * self.head_dim))
+        })?; // (p, nh·d)
+        tm.time(Section::OProj, move || self.o_proj.forward(&out))
     }
 
     fn keys_values(&self, xs: &Tensor, lay: &Layout) -> Result<(Tensor, Tensor)> {
-        let k = self.rope(
-            &self.k_proj.forward(xs)?,
-            self.num_kv_heads,
-            &lay.cos,
-            &lay.sin,
-        )?;
-        let v = self.v_proj.forward(xs)?;
-        Ok((
-            lay.pad(&k, self.num_kv_heads, self.head_dim)?,
-            lay.pad(&v, self.num_kv_heads, self.head_dim)?,
-        ))
+        let tm = &lay.timer;
+        let k = tm.time(Section::Qkv, || self.k_proj.forward(xs))?;
+        let k = tm.time(Section::Rope, move || {
+            self.rope(&k, self.num_kv_heads, &lay.cos, &lay.sin)
+        })?;
+        let v = tm.time(Section::Qkv, || self.v_proj.forward(xs))?;
+        tm.time(Section::Gather, move || {
+            Ok((
+                lay.pad(&k, self.num_kv_heads, self.head_dim)?,
+                lay.pad(&v, self.num_kv_heads, self.head_dim)?,
+            ))
+        })
     }
 
     /// Rotary embedding of flat projections (n, heads·d) with per-token cos/sin (n, d/2).
@@ -123,44 +127,65 @@ impl Attention {
     /// Causal attention in blocks of `QUERY_BLOCK` queries, each against the keys up to its own end:
     /// on long rows this skips about half of the scores and their softmax, and keeps the score
     /// tensor small. `q` (b, nh, t, d), `k`/`v` (b, nkv, t, d), `causal` (1, 1, 1, t, t).
-    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: &Tensor) -> Result<Tensor> {
+    fn attend_causal(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        causal: &Tensor,
+        tm: &Timer,
+    ) -> Result<Tensor> {
         let t = q.dim(2)?;
         if t <= QUERY_BLOCK {
-            return self.attend(q, k, v, causal);
+            return self.attend(q, k, v, causal, tm);
         }
         let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
         for start in (0..t).step_by(QUERY_BLOCK) {
             let len = QUERY_BLOCK.min(t - start);
             let end = start + len;
             let mask = causal.narrow(3, start, len)?.narrow(4, 0, end)?; // (1, 1, 1, len, end)
+            let q_block = tm.time(Section::Gather, || q.narrow(2, start, len)?.contiguous())?;
             blocks.push(self.attend(
-                &q.narrow(2, start, len)?.contiguous()?,
+                &q_block,
                 &k.narrow(2, 0, end)?,
                 &v.narrow(2, 0, end)?,
                 &mask,
+                tm,
             )?); // (b, nh, len, d)
         }
-        Tensor::cat(&blocks, 2)
+        tm.time(Section::Gather, || Tensor::cat(&blocks, 2))
     }
 
     /// Grouped-query attention without copying kv heads: the n_rep query heads of one kv head are
     /// stacked along the query axis. `q` (b, nh, tq, d), `k`/`v` (b, nkv, t, d), `mask` additive f32
     /// broadcastable to (b, nkv, n_rep, tq, t). Returns (b, nh, tq, d).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        tm: &Timer,
+    ) -> Result<Tensor> {
         let (b, _, tq, d) = q.dims4()?;
         let (nkv, t) = (self.num_kv_heads, k.dim(2)?);
         let n_rep = self.num_heads / nkv;
         let q = q.reshape((b, nkv, n_rep * tq, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nkv, n_rep·tq, t)
-                                                    // Softmax in f32 whatever the compute dtype, as transformers' eager attention does.
-        let scores = scores
-            .to_dtype(DType::F32)?
-            .reshape((b, nkv, n_rep, tq, t))?
-            .broadcast_add(mask)?
-            .reshape((b, nkv, n_rep * tq, t))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        probs.matmul(v)?.reshape((b, self.num_heads, tq, d))
+        let scores = tm.time(Section::AttnMatmul, || q.matmul(&k.t()?))?;
+        // Scores (b, nkv, n_rep·tq, t); softmax in f32 whatever the compute dtype, as transformers'
+        // eager attention does.
+        let probs = tm.time(Section::Softmax, move || {
+            let scores = (scores * scale)?
+                .to_dtype(DType::F32)?
+                .reshape((b, nkv, n_rep, tq, t))?
+                .broadcast_add(mask)?
+                .reshape((b, nkv, n_rep * tq, t))?;
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())
+        })?;
+        tm.time(Section::AttnMatmul, move || {
+            probs.matmul(v)?.reshape((b, self.num_heads, tq, d))
+        })
     }
 }
 
@@ -181,9 +206,13 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    fn forward(&self, xs: &Tensor, tm: &Timer) -> Result<Tensor> {
+        // `move` closures drop each input as soon as it is used, as the unprofiled expression did.
+        let gate = tm.time(Section::MlpMatmul, || self.gate_proj.forward(xs))?;
+        let gate = tm.time(Section::SiluMul, move || candle_nn::ops::silu(&gate))?;
+        let up = tm.time(Section::MlpMatmul, || self.up_proj.forward(xs))?;
+        let act = tm.time(Section::SiluMul, move || gate * up)?;
+        tm.time(Section::MlpMatmul, move || self.down_proj.forward(&act))
     }
 }
 
@@ -216,28 +245,43 @@ impl DecoderLayer {
     /// (n, h) -> (n, h). The residual stream `xs` stays f32; each block computes in `lay.dtype`.
     /// In bf16 this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
     fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(xs)?.to_dtype(lay.dtype)?;
+        let normed = norm_to(&self.input_layernorm, xs, lay)?;
         let attn = self.self_attn.forward(&normed, lay)?;
-        let xs = (xs + attn.to_dtype(DType::F32)?)?;
+        let xs = add_f32(xs, attn, lay)?;
         self.mlp_residual(&xs, lay)
     }
 
     fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let normed = self
-            .post_attention_layernorm
-            .forward(xs)?
-            .to_dtype(lay.dtype)?;
-        xs + self.mlp.forward(&normed)?.to_dtype(DType::F32)?
+        let normed = norm_to(&self.post_attention_layernorm, xs, lay)?;
+        let mlp = self.mlp.forward(&normed, &lay.timer)?;
+        add_f32(xs, mlp, lay)
     }
 
     /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
     fn forward_picked(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(xs)?.to_dtype(lay.dtype)?;
-        let picked = normed.index_select(&lay.pick_index, 0)?; // (p, h)
+        let tm = &lay.timer;
+        let normed = norm_to(&self.input_layernorm, xs, lay)?;
+        let picked = tm.time(Section::Gather, || normed.index_select(&lay.pick_index, 0))?; // (p, h)
         let attn = self.self_attn.forward_picked(&normed, &picked, lay)?;
-        let xs = (xs.index_select(&lay.pick_index, 0)? + attn.to_dtype(DType::F32)?)?;
+        let residual = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
+        let xs = add_f32(&residual, attn, lay)?;
         self.mlp_residual(&xs, lay)
     }
+}
+
+/// The f32 residual stream normed, in the blocks' compute dtype.
+fn norm_to(norm: &RmsNorm, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+    let normed = lay.timer.time(Section::Norm, || norm.forward(xs))?;
+    lay.timer
+        .time(Section::Cast, move || normed.to_dtype(lay.dtype))
+}
+
+/// `xs` + a block's output, back in f32.
+fn add_f32(xs: &Tensor, block: Tensor, lay: &Layout) -> Result<Tensor> {
+    let block = lay
+        .timer
+        .time(Section::Cast, move || block.to_dtype(DType::F32))?;
+    lay.timer.time(Section::Residual, move || xs + block)
 }
 
 /// `model.*` of the checkpoint: embeddings, decoder layers and the final norm.
@@ -249,6 +293,7 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
+    timer: Timer,
 }
 
 impl Llama {
@@ -265,7 +310,14 @@ impl Llama {
             inv_freq: rope::inv_freq(cfg),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            timer: Timer::default(),
         })
+    }
+
+    /// Times every section of each forward pass into the timer's profile.
+    pub fn with_timer(mut self, timer: Timer) -> Self {
+        self.timer = timer;
+        self
     }
 
     pub fn device(&self) -> &Device {
@@ -281,17 +333,23 @@ impl Llama {
     /// Rows stay flat, `ids[cu_lens[i]..cu_lens[i + 1]]` for row i, through every matmul: padding exists
     /// only inside attention. The last layer runs its queries, MLP and the norm at the picks alone.
     pub fn forward(&self, ids: &[u32], cu_lens: &[usize], picks: &[usize]) -> Result<Tensor> {
-        let lay = Layout::new(cu_lens, picks, &self.inv_freq, self.dtype, &self.device)?;
-        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let mut xs = self.embed_tokens.forward(&ids)?.to_dtype(DType::F32)?; // (n, h)
+        let tm = &self.timer;
+        let (mut lay, ids) = tm.time(Section::Layout, || {
+            let lay = Layout::new(cu_lens, picks, &self.inv_freq, self.dtype, &self.device)?;
+            Ok((lay, Tensor::from_slice(ids, ids.len(), &self.device)?))
+        })?;
+        lay.timer = tm.clone();
+        let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
+        let mut xs = tm.time(Section::Cast, move || xs.to_dtype(DType::F32))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {
-            return self.norm.forward(&xs.index_select(&lay.pick_index, 0)?);
+            let picked = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
+            return tm.time(Section::Norm, || self.norm.forward(&picked));
         };
         for layer in rest {
             xs = layer.forward(&xs, &lay)?;
         }
         let picked = last.forward_picked(&xs, &lay)?; // (p, h)
-        self.norm.forward(&picked)
+        tm.time(Section::Norm, || self.norm.forward(&picked))
     }
 }
 
@@ -316,6 +374,8 @@ struct Layout {
     causal: Tensor,
     /// (b, 1, 1, per_row, t): each picked query sees the keys up to its own position.
     pick_mask: Tensor,
+    /// The model's timer (off unless a profile is on).
+    timer: Timer,
 }
 
 impl Layout {
@@ -383,6 +443,7 @@ impl Layout {
             pick_sin: gather(&sin_t, &pick_positions)?,
             causal: Tensor::from_vec(causal, (1, 1, 1, t, t), dev)?,
             pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
+            timer: Timer::default(),
         })
     }
 
@@ -443,8 +504,10 @@ mod tests {
             dev,
         )
         .unwrap();
-        let full = attn.attend(&q, &k, &v, &lay.causal).unwrap();
-        let blocked = attn.attend_causal(&q, &k, &v, &lay.causal).unwrap();
+        let full = attn.attend(&q, &k, &v, &lay.causal, &lay.timer).unwrap();
+        let blocked = attn
+            .attend_causal(&q, &k, &v, &lay.causal, &lay.timer)
+            .unwrap();
         assert_eq!(blocked.dims(), full.dims());
         let diff = (blocked - full)
             .unwrap()

@@ -3,7 +3,10 @@
 pub mod config;
 pub mod head;
 pub mod llama;
+pub mod profile;
 pub mod rope;
+
+use std::sync::Arc;
 
 use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
@@ -11,6 +14,9 @@ use candle_nn::VarBuilder;
 pub use config::ArmoRMConfig;
 pub use head::{ArmoRMHead, HeadOutput, RowScore};
 pub use llama::Llama;
+pub use profile::{Profile, Section};
+
+use profile::Timer;
 
 /// Rows laid end to end: row i is `ids[cu_lens[i]..cu_lens[i + 1]]`, its gating token at `gates[i]`
 /// (relative to the row). Stays flat until the model pads it.
@@ -55,6 +61,7 @@ impl FlatBatch {
 pub struct ArmoRM {
     model: Llama,
     head: ArmoRMHead,
+    timer: Timer,
 }
 
 impl ArmoRM {
@@ -63,7 +70,16 @@ impl ArmoRM {
         Ok(Self {
             model: Llama::load(vb.pp("model"), cfg)?,
             head: ArmoRMHead::load(vb.set_dtype(DType::F32), cfg)?,
+            timer: Timer::default(),
         })
+    }
+
+    /// Adds the time of each section of every forward pass to `profile` (see `profile`). Slows the
+    /// passes down: the device is synchronized around each section.
+    pub fn with_profile(mut self, profile: Arc<Profile>) -> Self {
+        self.timer = Timer::new(profile, self.model.device().clone());
+        self.model = self.model.with_timer(self.timer.clone());
+        self
     }
 
     pub fn forward(&self, batch: &FlatBatch) -> Result<HeadOutput> {
@@ -78,9 +94,12 @@ impl ArmoRM {
                 .map(|(&start, &g)| start + g),
         );
         let rows = self.model.forward(&batch.ids, &batch.cu_lens, &picks)?; // (2b, h)
-        let rows = rows.to_dtype(DType::F32)?;
-        self.head
-            .forward(&rows.narrow(0, 0, b)?, &rows.narrow(0, b, b)?)
+        let tm = &self.timer;
+        let rows = tm.time(Section::Cast, move || rows.to_dtype(DType::F32))?;
+        tm.time(Section::Head, || {
+            self.head
+                .forward(&rows.narrow(0, 0, b)?, &rows.narrow(0, b, b)?)
+        })
     }
 
     pub fn dtype(&self) -> DType {

@@ -13,6 +13,7 @@ mod model_config;
 mod non_finite;
 mod output_safety;
 mod parity;
+mod profile;
 mod resume;
 mod shards;
 mod tokens;
