@@ -6,18 +6,19 @@
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
 //!   (length-bucketed batches under a token budget), `scorer` (runs a window of encoded rows in
 //!   batches on the model: lanes, out-of-memory split), `pipeline` (read, encode under --max-length
-//!   in its `EncodeStage`, score and write windows on threads), with
-//!   `shard` and `signal` (stop at a window boundary).
+//!   in its `EncodeStage`, score and write windows on threads), with `shard` and `signal` (stop at a
+//!   window boundary).
 //! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows held in
 //!   memory, rows to conversations), `output` (score columns, sinks: file, stdout, memory),
-//!   `checkpoint` (resumable part files),
-//!   `parquet_out`, `table` (whole scored tables for the commands after scoring).
+//!   `checkpoint` (resumable part files), `parquet_out` (Parquet with classic Arrow types), `table`
+//!   (whole scored tables for the commands after scoring).
 //! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`
 //!   and `select` (filter, best-of-n).
 //!
 //! To add an input format: `format.rs` (its extensions), a reader in `input/` and its arm in
 //! `input::open`; `table::read` if the commands after scoring should read it too. To add an output
-//! column: `output.rs` (`SCORE_COLUMNS` and `with_scores`). To add a command: a file in `src/cli/`
+//! column: `output.rs` (`SCORE_COLUMNS` and `with_scores`), from a row's outputs (`model::RowScore`,
+//! beside the head). To add a command: a file in `src/cli/`
 //! and its variant in `cli/mod.rs`'s `Command`; one that scores builds a `Job` (`cli/score.rs`) and
 //! calls `score_files`, or `score_rows` for conversations it built (scored in memory, as eval does).
 
