@@ -70,13 +70,35 @@ def make_rss_dataset(path: Path, rows: int):
 # ---------------------------------------------------------------- transformers reference
 
 
-class Reference:
+class Tokens:
+    """The chat template and gating-token search, as ArmoRM's model card does them (also used by
+    gpu_check.py)."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
+
+    def encode(self, row):
+        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        ids = self.tok.apply_chat_template(msgs, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def gate(self, ids):
+        n = len(self.pattern)
+        for j in range(len(ids) - n, -1, -1):
+            if ids[j:j + n] == self.pattern:
+                return j
+        raise ValueError("Token pattern not found in the list.")
+
+
+class Reference(Tokens):
     """transformers' LlamaModel + ArmoRM's head in f32, the way a careful user writes it."""
 
     def __init__(self, model_dir: Path, threads: int):
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+        from transformers import LlamaConfig, LlamaModel
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -93,20 +115,7 @@ class Reference:
         self.n_hidden = raw.get("gating_n_hidden", 3)
         self.temperature = raw.get("gating_temperature", 10)
         self.head = {k: v.float() for k, v in weights.items() if not k.startswith("model.")}
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
-
-    def encode(self, row):
-        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        ids = self.tok.apply_chat_template(msgs, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def gate(self, ids):
-        n = len(self.pattern)
-        for j in range(len(ids) - n, -1, -1):
-            if ids[j:j + n] == self.pattern:
-                return j
-        raise ValueError("Token pattern not found in the list.")
+        Tokens.__init__(self, model_dir)
 
     def head_scores(self, last, gate):
         torch, w = self.torch, self.head

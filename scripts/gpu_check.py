@@ -50,7 +50,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import GATING_TEXT, WORDS, make_dataset, model_flops  # noqa: E402
+from bench import WORDS, Tokens, make_dataset, model_flops  # noqa: E402
 
 SHAPES = {
     # ArmoRM-Llama3-8B-v0.1's published shape.
@@ -174,24 +174,6 @@ def write_rows(path: Path, rows):
 
 
 # ---------------------------------------------------------------- transformers reference
-
-
-class Tokens:
-    """The chat template and gating-token search, as ArmoRM's model card does them."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
-
-    def encode(self, row):
-        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        ids = self.tok.apply_chat_template(msgs, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    def gate(self, ids):
-        n = len(self.pattern)
-        return next(j for j in range(len(ids) - n, -1, -1) if ids[j:j + n] == self.pattern)
 
 
 class Reference:
