@@ -217,11 +217,7 @@ impl<R: BufRead> JsonlSource<R> {
         let here = |e: FieldError| InputError::new(self.here(), e.field.as_deref(), e.message);
         let text = std::str::from_utf8(buf)
             .map_err(|e| here(FieldError::whole(format!("not valid UTF-8: {e}"))))?;
-        // Editors on Windows start a UTF-8 file with a byte-order mark; it is not part of the JSON.
-        let text = match self.line {
-            1 => text.strip_prefix('\u{feff}').unwrap_or(text),
-            _ => text,
-        };
+        let text = without_bom(self.line, text);
         if text.trim().is_empty() {
             return Ok(None);
         }
@@ -397,6 +393,15 @@ fn fits_row(value: &Value, schema: &Schema) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// Line `line`'s text without the byte-order mark that editors on Windows start a UTF-8 file with: it
+/// is not part of the JSON.
+fn without_bom(line: usize, text: &str) -> &str {
+    match line {
+        1 => text.strip_prefix('\u{feff}').unwrap_or(text),
+        _ => text,
+    }
+}
+
 /// Lines with new keys or types that a read-ahead widens the columns for, at most.
 const MAX_WIDENINGS: usize = 256;
 
@@ -425,8 +430,7 @@ fn read_ahead_schema(
             LineRead::Line => {}
         }
         let text = match std::str::from_utf8(&buf) {
-            Ok(t) if probe.line == 1 => t.strip_prefix('\u{feff}').unwrap_or(t),
-            Ok(t) => t,
+            Ok(t) => without_bom(probe.line, t),
             Err(_) => continue,
         };
         let Ok(value @ Value::Object(_)) = parse_json(text) else {
