@@ -1,5 +1,6 @@
 //! The Llama-3 backbone (transformers' `LlamaModel`) over a flat batch: rows laid end to end, padded
 //! only inside attention, and hidden states returned at the picked tokens alone (last token, gate).
+//! Rows may continue prefixes run before (`KvCache`): their keys and values are reused, not recomputed.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -62,31 +63,41 @@ impl Attention {
         })
     }
 
-    /// Queries at every token. `xs` (n, h) flat -> (n, h).
-    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+    /// Queries at every token. `xs` (n, h) flat -> (n, h), and this layer's keys and values of the
+    /// new tokens (flat) for a cache.
+    fn forward(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let q = tm.time(Section::Qkv, || self.q_proj.forward(xs))?;
         let q = tm.time(Section::Rope, move || {
             self.rope(&q, self.num_heads, &lay.cos, &lay.sin)
         })?; // (n, nh·d)
-        let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
+        let (kv, k, v) = self.keys_values(xs, lay, past)?; // (b, nkv, t, d)
         let q = tm.time(Section::Gather, move || {
-            lay.pad(&q, self.num_heads, self.head_dim)
-        })?; // (b, nh, t, d)
-        let out = self.attend_causal(&q, &k, &v, &lay.causal, tm)?; // (b, nh, t, d)
+            lay.pad_queries(&q, self.num_heads, self.head_dim)
+        })?; // (b, nh, tq, d)
+        let out = self.attend_causal(&q, &k, &v, lay)?; // (b, nh, tq, d)
         let out = tm.time(Section::Gather, move || lay.unpad(&out))?; // (n, nh·d)
-        tm.time(Section::OProj, move || self.o_proj.forward(&out))
+        Ok((
+            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
+            kv,
+        ))
     }
 
     /// Queries only at `lay.picks`, the tokens a reward model reads; keys and values at every token.
-    /// `xs` (n, h) flat -> (p, h), p = 2b.
-    fn forward_picked(&self, xs: &Tensor, picked: &Tensor, lay: &Layout) -> Result<Tensor> {
+    /// `xs` (n, h) flat -> (p, h), p = b × picks per row, and the new keys and values.
+    fn forward_picked(
+        &self,
+        xs: &Tensor,
+        picked: &Tensor,
+        lay: &Layout,
+        past: Option<&Kv>,
+    ) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let q = tm.time(Section::Qkv, || self.q_proj.forward(picked))?;
         let q = tm.time(Section::Rope, move || {
             self.rope(&q, self.num_heads, &lay.pick_cos, &lay.pick_sin)
         })?; // (p, nh·d)
-        let (k, v) = self.keys_values(xs, lay)?; // (b, nkv, t, d)
+        let (kv, k, v) = self.keys_values(xs, lay, past)?; // (b, nkv, t, d)
         let per_row = lay.picks.len() / lay.b;
         // Picks are grouped by kind (all last tokens, then all gates): (per_row, b, nh, d) -> (b, nh, per_row, d).
         let q = tm.time(Section::Gather, move || {
@@ -99,22 +110,39 @@ impl Attention {
             out.permute((2, 0, 1, 3))?
                 .reshape((per_row * lay.b, self.num_heads * self.head_dim))
         })?; // (p, nh·d)
-        tm.time(Section::OProj, move || self.o_proj.forward(&out))
+        Ok((
+            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
+            kv,
+        ))
     }
 
-    fn keys_values(&self, xs: &Tensor, lay: &Layout) -> Result<(Tensor, Tensor)> {
+    /// Keys and values of the new tokens, flat (n, nkv·d), and of every row padded (b, nkv, t, d): the
+    /// cached prefix (`past`, flat over the cache's rows) followed by the row's new tokens.
+    fn keys_values(
+        &self,
+        xs: &Tensor,
+        lay: &Layout,
+        past: Option<&Kv>,
+    ) -> Result<(Kv, Tensor, Tensor)> {
         let tm = &lay.timer;
         let k = tm.time(Section::Qkv, || self.k_proj.forward(xs))?;
         let k = tm.time(Section::Rope, move || {
             self.rope(&k, self.num_kv_heads, &lay.cos, &lay.sin)
         })?;
         let v = tm.time(Section::Qkv, || self.v_proj.forward(xs))?;
-        tm.time(Section::Gather, move || {
+        let (k_pad, v_pad) = tm.time(Section::Gather, || {
+            let with_past = |new: &Tensor, old: Option<&Tensor>| match old {
+                Some(old) => Tensor::cat(&[old, new], 0), // (cached + n, nkv·d)
+                None => Ok(new.clone()),
+            };
+            let k_all = with_past(&k, past.map(|p| &p.k))?;
+            let v_all = with_past(&v, past.map(|p| &p.v))?;
             Ok((
-                lay.pad(&k, self.num_kv_heads, self.head_dim)?,
-                lay.pad(&v, self.num_kv_heads, self.head_dim)?,
+                lay.pad_keys(&k_all, self.num_kv_heads, self.head_dim)?,
+                lay.pad_keys(&v_all, self.num_kv_heads, self.head_dim)?,
             ))
-        })
+        })?;
+        Ok((Kv { k, v }, k_pad, v_pad))
     }
 
     /// Rotary embedding of flat projections (n, heads·d) with per-token cos/sin (n, d/2).
@@ -126,24 +154,20 @@ impl Attention {
 
     /// Causal attention in blocks of `QUERY_BLOCK` queries, each against the keys up to its own end:
     /// on long rows this skips about half of the scores and their softmax, and keeps the score
-    /// tensor small. `q` (b, nh, t, d), `k`/`v` (b, nkv, t, d), `causal` (1, 1, 1, t, t).
-    fn attend_causal(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        causal: &Tensor,
-        tm: &Timer,
-    ) -> Result<Tensor> {
-        let t = q.dim(2)?;
-        if t <= QUERY_BLOCK {
+    /// tensor small. `q` (b, nh, tq, d), `k`/`v` (b, nkv, t, d); the mask is `lay.causal`.
+    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let (tm, causal) = (&lay.timer, &lay.causal);
+        let tq = q.dim(2)?;
+        if tq <= QUERY_BLOCK {
             return self.attend(q, k, v, causal, tm);
         }
-        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-        for start in (0..t).step_by(QUERY_BLOCK) {
-            let len = QUERY_BLOCK.min(t - start);
-            let end = start + len;
-            let mask = causal.narrow(3, start, len)?.narrow(4, 0, end)?; // (1, 1, 1, len, end)
+        let t = k.dim(2)?;
+        let mut blocks = Vec::with_capacity(tq.div_ceil(QUERY_BLOCK));
+        for start in (0..tq).step_by(QUERY_BLOCK) {
+            let len = QUERY_BLOCK.min(tq - start);
+            // A query of the block sits at most at position `max_past + start + len - 1`.
+            let end = (lay.max_past + start + len).min(t);
+            let mask = causal.narrow(3, start, len)?.narrow(4, 0, end)?; // (1|b, 1, 1, len, end)
             let q_block = tm.time(Section::Gather, || q.narrow(2, start, len)?.contiguous())?;
             blocks.push(self.attend(
                 &q_block,
@@ -242,13 +266,14 @@ impl DecoderLayer {
         })
     }
 
-    /// (n, h) -> (n, h). The residual stream `xs` stays f32; each block computes in `lay.dtype`.
-    /// In bf16 this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
-    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+    /// (n, h) -> (n, h), and the layer's keys and values of the new tokens. The residual stream `xs`
+    /// stays f32; each block computes in `lay.dtype`. In bf16 this keeps the sum of 2 × layers block
+    /// outputs from rounding to 8 bits at every step.
+    fn forward(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
-        let attn = self.self_attn.forward(&normed, lay)?;
+        let (attn, kv) = self.self_attn.forward(&normed, lay, past)?;
         let xs = add_f32(xs, attn, lay)?;
-        self.mlp_residual(&xs, lay)
+        Ok((self.mlp_residual(&xs, lay)?, kv))
     }
 
     fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
@@ -258,14 +283,14 @@ impl DecoderLayer {
     }
 
     /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
-    fn forward_picked(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+    fn forward_picked(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
         let picked = tm.time(Section::Gather, || normed.index_select(&lay.pick_index, 0))?; // (p, h)
-        let attn = self.self_attn.forward_picked(&normed, &picked, lay)?;
+        let (attn, kv) = self.self_attn.forward_picked(&normed, &picked, lay, past)?;
         let residual = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
         let xs = add_f32(&residual, attn, lay)?;
-        self.mlp_residual(&xs, lay)
+        Ok((self.mlp_residual(&xs, lay)?, kv))
     }
 }
 
@@ -333,9 +358,55 @@ impl Llama {
     /// Rows stay flat, `ids[cu_lens[i]..cu_lens[i + 1]]` for row i, through every matmul: padding exists
     /// only inside attention. The last layer runs its queries, MLP and the norm at the picks alone.
     pub fn forward(&self, ids: &[u32], cu_lens: &[usize], picks: &[usize]) -> Result<Tensor> {
+        Ok(self.run(ids, cu_lens, picks, None, false)?.0)
+    }
+
+    /// As `forward`, and keeps every layer's keys and values of these rows for rows that continue them
+    /// (`forward_continued`).
+    pub fn forward_prefixes(
+        &self,
+        ids: &[u32],
+        cu_lens: &[usize],
+        picks: &[usize],
+    ) -> Result<(Tensor, KvCache)> {
+        let (hidden, layers) = self.run(ids, cu_lens, picks, None, true)?;
+        let cache = KvCache {
+            layers,
+            cu_lens: cu_lens.to_vec(),
+        };
+        Ok((hidden, cache))
+    }
+
+    /// As `forward` for rows that continue cached ones: row i's tokens follow those of cached row
+    /// `past.of[i]`, at the positions after them, attending to them as if the row were run whole.
+    pub fn forward_continued(
+        &self,
+        ids: &[u32],
+        cu_lens: &[usize],
+        picks: &[usize],
+        past: Past,
+    ) -> Result<Tensor> {
+        Ok(self.run(ids, cu_lens, picks, Some(past), false)?.0)
+    }
+
+    fn run(
+        &self,
+        ids: &[u32],
+        cu_lens: &[usize],
+        picks: &[usize],
+        past: Option<Past>,
+        keep: bool,
+    ) -> Result<(Tensor, Vec<Kv>)> {
         let tm = &self.timer;
         let (mut lay, ids) = tm.time(Section::Layout, || {
-            let lay = Layout::new(cu_lens, picks, &self.inv_freq, self.dtype, &self.device)?;
+            let lay = Layout::new(
+                cu_lens,
+                picks,
+                past,
+                &self.inv_freq,
+                self.dtype,
+                &self.device,
+            )?;
             Ok((lay, Tensor::from_slice(ids, ids.len(), &self.device)?))
         })?;
         lay.timer = tm.clone();
@@ -343,34 +414,90 @@ impl Llama {
         let mut xs = tm.time(Section::Cast, move || xs.to_dtype(DType::F32))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {
             let picked = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
-            return tm.time(Section::Norm, || self.norm.forward(&picked));
+            return Ok((
+                tm.time(Section::Norm, || self.norm.forward(&picked))?,
+                vec![],
+            ));
         };
-        for layer in rest {
-            xs = layer.forward(&xs, &lay)?;
+        let past_of = |i: usize| past.map(|p| &p.cache.layers[i]);
+        let mut kept = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        for (i, layer) in rest.iter().enumerate() {
+            let (next, kv) = layer.forward(&xs, &lay, past_of(i))?;
+            xs = next;
+            if keep {
+                kept.push(kv);
+            }
         }
-        let picked = last.forward_picked(&xs, &lay)?; // (p, h)
-        tm.time(Section::Norm, || self.norm.forward(&picked))
+        let (picked, kv) = last.forward_picked(&xs, &lay, past_of(rest.len()))?; // (p, h)
+        if keep {
+            kept.push(kv);
+        }
+        Ok((tm.time(Section::Norm, || self.norm.forward(&picked))?, kept))
     }
 }
 
+/// One layer's keys (after RoPE) and values, flat: (tokens, nkv·d) each, in the compute dtype.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// Every layer's keys and values of rows already run, rows end to end as `cu_lens` says: what rows
+/// continuing them attend to, instead of running them again.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Kv>,
+    cu_lens: Vec<usize>,
+}
+
+impl KvCache {
+    /// Tokens held (per layer).
+    pub fn tokens(&self) -> usize {
+        self.cu_lens.last().copied().unwrap_or(0)
+    }
+
+    fn len_of(&self, row: usize) -> usize {
+        self.cu_lens[row + 1] - self.cu_lens[row]
+    }
+}
+
+/// Cached rows that a batch continues: row i of the batch continues cached row `of[i]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Past<'a> {
+    pub cache: &'a KvCache,
+    pub of: &'a [usize],
+}
+
 /// Where each token of a flat batch sits, built once per batch and shared by every layer.
+///
+/// Row r has `past[r]` cached tokens (0 without a cache) and `n[r]` new ones. Queries are the new tokens,
+/// padded to (b, tq), tq = max n; keys and values are the cached tokens followed by the new ones, padded
+/// to (b, t), t = max(past + n). Without a cache the two grids are the same.
 struct Layout {
     /// The compute dtype of the blocks' matmuls.
     dtype: DType,
     b: usize,
+    tq: usize,
     t: usize,
+    /// The most cached tokens of any row.
+    max_past: usize,
     picks: Vec<usize>,
-    /// For each slot of the padded (b, t) grid, the flat token it holds (padding repeats token 0).
+    /// For each slot of the padded (b, tq) query grid, the flat new token it holds (padding repeats
+    /// token 0).
     to_padded: Tensor,
-    /// For each flat token, its slot in the padded grid.
+    /// For each slot of the padded (b, t) key grid, its token in [cached tokens; new tokens].
+    keys_to_padded: Tensor,
+    /// For each flat new token, its slot in the padded query grid.
     to_flat: Tensor,
     pick_index: Tensor,
     cos: Tensor, // (n, d/2)
     sin: Tensor,
     pick_cos: Tensor, // (p, d/2)
     pick_sin: Tensor,
-    /// Additive causal mask (1, 1, 1, t, t). With right padding it is all that is needed: a real token
-    /// never sees a later position, and every padding slot comes after the row's last real token.
+    /// Additive causal mask (1, 1, 1, t, t) without a cache, (b, 1, 1, tq, t) with one: query j of row r
+    /// sees the keys up to its position, past[r] + j. With right padding that is all that is needed: a
+    /// real token never sees a later position, and every padding slot comes after the row's last token.
     causal: Tensor,
     /// (b, 1, 1, per_row, t): each picked query sees the keys up to its own position.
     pick_mask: Tensor,
@@ -382,26 +509,30 @@ impl Layout {
     fn new(
         cu_lens: &[usize],
         picks: &[usize],
+        past: Option<Past>,
         inv_freq: &[f32],
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
         let b = cu_lens.len() - 1;
         let lens: Vec<usize> = cu_lens.windows(2).map(|w| w[1] - w[0]).collect();
-        let t = lens.iter().copied().max().unwrap_or(0);
+        let cached: Vec<usize> = match past {
+            Some(p) => p.of.iter().map(|&c| p.cache.len_of(c)).collect(),
+            None => vec![0; b],
+        };
+        let tq = lens.iter().copied().max().unwrap_or(0);
+        let t = (0..b).map(|r| cached[r] + lens[r]).max().unwrap_or(0);
+        let max_past = cached.iter().copied().max().unwrap_or(0);
         let row_of = |i: usize| cu_lens.partition_point(|&c| c <= i) - 1;
-        let pos_of = |i: usize| i - cu_lens[row_of(i)];
+        let pos_of = |i: usize| cached[row_of(i)] + i - cu_lens[row_of(i)];
 
-        let mut to_padded = vec![0u32; b * t];
-        let mut to_flat = Vec::with_capacity(cu_lens[b]);
-        for (r, w) in cu_lens.windows(2).enumerate() {
-            for (p, i) in (w[0]..w[1]).enumerate() {
-                to_padded[r * t + p] = i as u32;
-                to_flat.push((r * t + p) as u32);
-            }
-        }
+        let (to_padded, to_flat) = query_grid(cu_lens, tq);
+        let keys_to_padded = match past {
+            Some(p) => key_grid(cu_lens, &p, t),
+            None => to_padded.clone(),
+        };
         let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
-        let pick_positions: Vec<u32> = picks.iter().map(|&i| positions[i]).collect();
+        let pick_positions: Vec<u32> = picks.iter().map(|&i| pos_of(i) as u32).collect();
         let (cos_t, sin_t) = rope::tables(inv_freq, t, dtype, dev)?; // (t, d/2)
         let gather = |table: &Tensor, idx: &[u32]| {
             table.index_select(&Tensor::from_slice(idx, idx.len(), dev)?, 0)
@@ -416,22 +547,21 @@ impl Layout {
                 pick_mask[(r * per_row + slot) * t + j] = 0.0;
             }
         }
-        let causal: Vec<f32> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let causal = match past {
+            None => Tensor::from_vec(causal_mask(&[0], t, t), (1, 1, 1, t, t), dev)?,
+            Some(_) => Tensor::from_vec(causal_mask(&cached, tq, t), (b, 1, 1, tq, t), dev)?,
+        };
+        let n = cu_lens[b];
         Ok(Self {
             dtype,
             b,
+            tq,
             t,
+            max_past,
             picks: picks.to_vec(),
-            to_padded: Tensor::from_vec(to_padded, b * t, dev)?,
-            to_flat: Tensor::from_vec(to_flat, cu_lens[b], dev)?,
+            to_padded: Tensor::from_vec(to_padded, b * tq, dev)?,
+            keys_to_padded: Tensor::from_vec(keys_to_padded, b * t, dev)?,
+            to_flat: Tensor::from_vec(to_flat, n, dev)?,
             pick_index: Tensor::from_vec(
                 picks.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 picks.len(),
@@ -441,28 +571,86 @@ impl Layout {
             sin: gather(&sin_t, &positions)?,
             pick_cos: gather(&cos_t, &pick_positions)?,
             pick_sin: gather(&sin_t, &pick_positions)?,
-            causal: Tensor::from_vec(causal, (1, 1, 1, t, t), dev)?,
+            causal,
             pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
             timer: Timer::default(),
         })
     }
 
-    /// Flat (n, heads·d) -> padded (b, heads, t, d).
-    fn pad(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-        x.index_select(&self.to_padded, 0)?
-            .reshape((self.b, self.t, heads, d))?
-            .transpose(1, 2)?
-            .contiguous()
+    /// Flat new tokens (n, heads·d) -> padded queries (b, heads, tq, d).
+    fn pad_queries(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        pad(x, &self.to_padded, (self.b, self.tq, heads, d))
     }
 
-    /// Padded (b, heads, t, d) -> flat (n, heads·d).
+    /// Flat [cached; new] tokens (c + n, heads·d) -> padded keys or values (b, heads, t, d).
+    fn pad_keys(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        pad(x, &self.keys_to_padded, (self.b, self.t, heads, d))
+    }
+
+    /// Padded (b, heads, tq, d) -> flat (n, heads·d).
     fn unpad(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, heads, t, d) = x.dims4()?;
+        let (b, heads, tq, d) = x.dims4()?;
         x.transpose(1, 2)?
             .contiguous()?
-            .reshape((b * t, heads * d))?
+            .reshape((b * tq, heads * d))?
             .index_select(&self.to_flat, 0)
     }
+}
+
+/// Flat (m, heads·d) gathered by `index` into (b, heads, t, d).
+fn pad(
+    x: &Tensor,
+    index: &Tensor,
+    (b, t, heads, d): (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    x.index_select(index, 0)?
+        .reshape((b, t, heads, d))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// For each slot of the (b, tq) grid of new tokens, the flat token it holds (padding repeats token 0),
+/// and for each flat token its slot.
+fn query_grid(cu_lens: &[usize], tq: usize) -> (Vec<u32>, Vec<u32>) {
+    let b = cu_lens.len() - 1;
+    let mut to_padded = vec![0u32; b * tq];
+    let mut to_flat = Vec::with_capacity(cu_lens[b]);
+    for (r, w) in cu_lens.windows(2).enumerate() {
+        for (p, i) in (w[0]..w[1]).enumerate() {
+            to_padded[r * tq + p] = i as u32;
+            to_flat.push((r * tq + p) as u32);
+        }
+    }
+    (to_padded, to_flat)
+}
+
+/// For each slot of the (b, t) key grid, its token in [the cache's tokens; the batch's new tokens]:
+/// row r's cached row first, then its own tokens, then padding (token 0, masked).
+fn key_grid(cu_lens: &[usize], past: &Past, t: usize) -> Vec<u32> {
+    let b = cu_lens.len() - 1;
+    let new_start = past.cache.tokens();
+    let mut grid = vec![0u32; b * t];
+    for r in 0..b {
+        let c = past.of[r];
+        let cached = past.cache.cu_lens[c]..past.cache.cu_lens[c + 1];
+        let new = (new_start + cu_lens[r])..(new_start + cu_lens[r + 1]);
+        for (slot, i) in grid[r * t..].iter_mut().zip(cached.chain(new)) {
+            *slot = i as u32;
+        }
+    }
+    grid
+}
+
+/// Additive causal masks (rows, tq, t), one per entry of `past`: query j sees the keys up to past + j.
+fn causal_mask(past: &[usize], tq: usize, t: usize) -> Vec<f32> {
+    let mut mask = vec![f32::NEG_INFINITY; past.len() * tq * t];
+    for (r, &c) in past.iter().enumerate() {
+        for j in 0..tq {
+            let row = &mut mask[(r * tq + j) * t..(r * tq + j + 1) * t];
+            row[..(c + j + 1).min(t)].fill(0.0);
+        }
+    }
+    mask
 }
 
 #[cfg(test)]
@@ -499,15 +687,14 @@ mod tests {
         let lay = Layout::new(
             &[0, t, 2 * t],
             &[t - 1, 2 * t - 1],
+            None,
             &[1.0; 4],
             DType::F32,
             dev,
         )
         .unwrap();
         let full = attn.attend(&q, &k, &v, &lay.causal, &lay.timer).unwrap();
-        let blocked = attn
-            .attend_causal(&q, &k, &v, &lay.causal, &lay.timer)
-            .unwrap();
+        let blocked = attn.attend_causal(&q, &k, &v, &lay).unwrap();
         assert_eq!(blocked.dims(), full.dims());
         let diff = (blocked - full)
             .unwrap()
@@ -525,7 +712,15 @@ mod tests {
     #[test]
     fn layout_maps_flat_tokens_to_the_padded_grid_and_back() {
         // Rows of 2 and 3 tokens; picks: last tokens (1, 4), then gates (0, 2).
-        let lay = Layout::new(&[0, 2, 5], &[1, 4, 0, 2], &[1.0], DType::F32, &Device::Cpu).unwrap();
+        let lay = Layout::new(
+            &[0, 2, 5],
+            &[1, 4, 0, 2],
+            None,
+            &[1.0],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!((lay.b, lay.t), (2, 3));
         assert_eq!(lay.to_padded.to_vec1::<u32>().unwrap(), [0, 1, 0, 2, 3, 4]);
         assert_eq!(lay.to_flat.to_vec1::<u32>().unwrap(), [0, 1, 3, 4, 5]);

@@ -8,12 +8,12 @@ pub mod rope;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::ArmoRMConfig;
 pub use head::{ArmoRMHead, HeadOutput, RowScore};
-pub use llama::Llama;
+pub use llama::{KvCache, Llama, Past};
 pub use profile::{Profile, Section};
 
 use profile::Timer;
@@ -53,6 +53,56 @@ impl FlatBatch {
     /// Tokens the padded batch costs: rows × longest row.
     pub fn padded_tokens(&self) -> usize {
         self.rows() * self.lens().into_iter().max().unwrap_or(0)
+    }
+}
+
+/// Rows that continue prefixes run before (`ArmoRM::forward_prefixes`): row i is
+/// `ids[cu_lens[i]..cu_lens[i + 1]]`, the tokens after prefix `of[i]`; at least one per row.
+#[derive(Debug, Clone, Default)]
+pub struct Continuations {
+    pub ids: Vec<u32>,
+    pub cu_lens: Vec<usize>,
+    pub of: Vec<usize>,
+}
+
+impl Continuations {
+    pub fn new() -> Self {
+        Self {
+            ids: Vec::new(),
+            cu_lens: vec![0],
+            of: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, ids: &[u32], prefix: usize) {
+        self.ids.extend_from_slice(ids);
+        self.cu_lens.push(self.ids.len());
+        self.of.push(prefix);
+    }
+
+    pub fn rows(&self) -> usize {
+        self.of.len()
+    }
+
+    /// Tokens the padded batch costs: rows × longest row (the prefixes not counted: they are cached).
+    pub fn padded_tokens(&self) -> usize {
+        let longest = self.cu_lens.windows(2).map(|w| w[1] - w[0]).max();
+        self.rows() * longest.unwrap_or(0)
+    }
+}
+
+/// Prefixes run once for all the rows that share them: the hidden state at each one's gating token
+/// (the gating depends on the prefix alone) and every layer's keys and values.
+#[derive(Debug, Clone)]
+pub struct Prefixes {
+    gate_hidden: Tensor, // (m, h) f32
+    cache: KvCache,
+}
+
+impl Prefixes {
+    /// Tokens cached (per layer).
+    pub fn tokens(&self) -> usize {
+        self.cache.tokens()
     }
 }
 
@@ -102,7 +152,142 @@ impl ArmoRM {
         })
     }
 
+    /// Runs prefixes (rows of `batch`, each ending after its gating pattern) for rows to continue
+    /// them with `forward_continued`.
+    pub fn forward_prefixes(&self, batch: &FlatBatch) -> Result<Prefixes> {
+        let picks: Vec<usize> = batch
+            .cu_lens
+            .iter()
+            .zip(&batch.gates)
+            .map(|(&start, &g)| start + g)
+            .collect();
+        let (hidden, cache) = self
+            .model
+            .forward_prefixes(&batch.ids, &batch.cu_lens, &picks)?; // (m, h)
+        let gate_hidden = self
+            .timer
+            .time(Section::Cast, move || hidden.to_dtype(DType::F32))?;
+        Ok(Prefixes { gate_hidden, cache })
+    }
+
+    /// Scores rows that continue `prefixes`: the same outputs as running each whole row with `forward`.
+    pub fn forward_continued(
+        &self,
+        prefixes: &Prefixes,
+        rows: &Continuations,
+    ) -> Result<HeadOutput> {
+        let picks: Vec<usize> = rows.cu_lens[1..].iter().map(|&end| end - 1).collect();
+        let past = Past {
+            cache: &prefixes.cache,
+            of: &rows.of,
+        };
+        let last = self
+            .model
+            .forward_continued(&rows.ids, &rows.cu_lens, &picks, past)?; // (b, h)
+        let tm = &self.timer;
+        let last = tm.time(Section::Cast, move || last.to_dtype(DType::F32))?;
+        tm.time(Section::Head, || {
+            let of: Vec<u32> = rows.of.iter().map(|&p| p as u32).collect();
+            let of = Tensor::from_vec(of, rows.rows(), prefixes.gate_hidden.device())?;
+            let gate = prefixes.gate_hidden.index_select(&of, 0)?; // (b, h)
+            self.head.forward(&last, &gate)
+        })
+    }
+
     pub fn dtype(&self) -> DType {
         self.model.dtype()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// A random model: 3 layers (so a middle layer sees the cache), GQA, head_dim 8, a small vocabulary.
+    fn random_model() -> ArmoRM {
+        let cfg = ArmoRMConfig::from_json(
+            r#"{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "max_position_embeddings": 512,
+                "num_objectives": 5, "gating_hidden_dim": 16, "gating_n_hidden": 1}"#,
+        )
+        .unwrap();
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let model = ArmoRM::load(vb, &cfg).unwrap();
+        // VarMap's default init leaves some tensors at zero; give every weight random values.
+        for var in vars.all_vars() {
+            let noise = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+            var.set(&noise).unwrap();
+        }
+        model
+    }
+
+    fn ids(seed: u32, len: usize) -> Vec<u32> {
+        (0..len as u32).map(|i| (seed * 7 + i * 13) % 50).collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn rows_continuing_cached_prefixes_equal_rows_run_whole() {
+        let model = random_model();
+        // Two prefixes (the second longer than a query block's worth of keys would matter for), gates
+        // inside them, and five continuations of different lengths in mixed order.
+        let prefixes = [(ids(1, 9), 5), (ids(2, 300), 290)];
+        let tails = [
+            (1, ids(3, 4)),
+            (0, ids(4, 1)),
+            (0, ids(5, 7)),
+            (1, ids(6, 270)),
+            (0, ids(7, 3)),
+        ];
+        let mut whole = FlatBatch::new();
+        for (p, tail) in &tails {
+            let (prefix, gate) = &prefixes[*p];
+            whole.push(&[prefix.as_slice(), tail].concat(), *gate);
+        }
+        let want = model.forward(&whole).unwrap();
+
+        let mut heads = FlatBatch::new();
+        for (prefix, gate) in &prefixes {
+            heads.push(prefix, *gate);
+        }
+        let cached = model.forward_prefixes(&heads).unwrap();
+        assert_eq!(cached.tokens(), 309);
+        let mut rows = Continuations::new();
+        for (p, tail) in &tails {
+            rows.push(tail, *p);
+        }
+        let got = model.forward_continued(&cached, &rows).unwrap();
+        for (name, a, b) in [
+            ("rewards", &got.rewards, &want.rewards),
+            ("gating", &got.gating, &want.gating),
+            ("coefficients", &got.coefficients, &want.coefficients),
+            ("score", &got.score, &want.score),
+        ] {
+            let d = max_diff(a, b);
+            assert!(d < 1e-5, "{name} differs by {d}");
+        }
+        // Not trivially equal: a different prefix changes the rewards.
+        let mut other = Continuations::new();
+        for (_, tail) in &tails {
+            other.push(tail, 0);
+        }
+        let moved = model.forward_continued(&cached, &other).unwrap();
+        assert!(max_diff(&moved.rewards, &want.rewards) > 1e-3);
     }
 }
