@@ -4,8 +4,9 @@
 //! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
 //!   `rope`), built from a checkpoint by `loader`.
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
-//!   (length-bucketed batches under a token budget), `scorer` (runs a window of encoded rows in
-//!   batches on the model: lanes, out-of-memory split), `pipeline` (read, encode under --max-length
+//!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a prompt:
+//!   the prefix run once, its keys and values cached), `scorer` (runs a window of encoded rows in
+//!   batches on the model: lanes, prefix sharing, out-of-memory split), `pipeline` (read, encode under --max-length
 //!   in its `EncodeStage`, score and write windows on threads), with `shard` and `signal` (stop at a
 //!   window boundary).
 //! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows held in
@@ -42,6 +43,7 @@ pub mod pipeline;
 pub mod scorer;
 pub mod select;
 pub mod shard;
+pub mod sharing;
 pub mod signal;
 pub mod table;
 

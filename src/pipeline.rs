@@ -70,6 +70,9 @@ pub struct Stats {
     pub tokens: usize,
     /// Tokens the model computed, padding included (rows × longest row, per batch).
     pub padded_tokens: usize,
+    /// Tokens prefix sharing did not compute: a shared prompt once instead of once per row; `None`
+    /// when sharing is off.
+    pub shared_tokens: Option<usize>,
     pub seconds: f64,
 }
 
@@ -82,12 +85,14 @@ impl Stats {
         }
     }
 
-    /// Padding as a share of the real tokens, in percent.
+    /// Padding as a share of the real tokens computed (those prefix sharing saved not counted), in
+    /// percent.
     pub fn padding_overhead(&self) -> f64 {
-        if self.tokens == 0 {
+        let computed = self.tokens.saturating_sub(self.shared_tokens.unwrap_or(0));
+        if computed == 0 {
             0.0
         } else {
-            100.0 * (self.padded_tokens as f64 - self.tokens as f64) / self.tokens as f64
+            100.0 * (self.padded_tokens as f64 - computed as f64) / computed as f64
         }
     }
 }
@@ -118,6 +123,7 @@ struct Scored {
     statuses: Vec<RowStatus>,
     tokens: usize,
     padded: usize,
+    saved: Option<usize>,
     fraction: Option<f64>,
 }
 
@@ -511,9 +517,10 @@ fn score_window(
         fraction,
     } = item?;
     let mut statuses = statuses;
-    let (results, padded) = scorer
+    let scored = scorer
         .score_window(model, &encoded)
         .map_err(PipelineError::Model)?;
+    let (results, padded, saved) = (scored.rows, scored.padded, scored.saved);
     let mut scores: Vec<Option<RowScore>> = vec![None; encoded.len()];
     for (i, result) in results.into_iter().enumerate() {
         match result {
@@ -545,6 +552,7 @@ fn score_window(
         statuses,
         tokens,
         padded,
+        saved,
         fraction,
     })
 }
@@ -625,6 +633,9 @@ impl WindowWriter<'_> {
         self.stats.rows += w.scores.len();
         self.stats.tokens += w.tokens;
         self.stats.padded_tokens += w.padded;
+        if let Some(saved) = w.saved {
+            self.stats.shared_tokens = Some(self.stats.shared_tokens.unwrap_or(0) + saved);
+        }
         self.stats.fraction = w.fraction;
         Ok(())
     }

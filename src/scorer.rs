@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use crate::batch;
 use crate::encoder::Encoded;
-use crate::model::{ArmoRM, FlatBatch, HeadOutput, Profile, RowScore, Section};
+use crate::model::{ArmoRM, Continuations, FlatBatch, HeadOutput, Profile, RowScore, Section};
+use crate::sharing::{self, Unit};
 
 /// Why one row has no scores although the model ran: the rest of its window is unaffected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -24,6 +25,41 @@ pub enum RowFailure {
 /// A row's outputs, or why it has none.
 pub type RowResult = Result<RowScore, RowFailure>;
 
+/// A window's outputs, in the window's order (`None`: a row not scored), and what computing them took.
+#[derive(Debug, Clone, Default)]
+pub struct WindowScores {
+    pub rows: Vec<Option<RowResult>>,
+    /// Tokens the model computed, padding included (rows × longest row, per pass).
+    pub padded: usize,
+    /// Tokens that prefix sharing did not compute (each shared prompt once instead of once per row);
+    /// `None` when sharing is off.
+    pub saved: Option<usize>,
+}
+
+/// One lane's piece of a window: a batch of rows run whole, or a unit of rows sharing prompts.
+enum Work {
+    Plain(Vec<usize>),
+    Shared(Unit),
+}
+
+impl Work {
+    /// Padded tokens, to hand out the longest work first.
+    fn cost(&self, lens: &[usize]) -> usize {
+        match self {
+            Work::Plain(rows) => rows.len() * rows.iter().map(|&i| lens[i]).max().unwrap_or(0),
+            Work::Shared(unit) => {
+                let suffix = |&(r, g): &(usize, usize)| lens[r] - unit.groups[g].prefix;
+                let continuations: usize = unit
+                    .batches
+                    .iter()
+                    .map(|b| b.len() * b.iter().map(suffix).max().unwrap_or(0))
+                    .sum();
+                unit.prefix_tokens() + continuations
+            }
+        }
+    }
+}
+
 pub struct Scorer {
     /// One copy of the model per device; windows are shared among them.
     models: Vec<ArmoRM>,
@@ -36,6 +72,8 @@ pub struct Scorer {
     /// Fault injection for tests (`ARMORM_SIMULATE_OOM_ABOVE_TOKENS`): batches (single rows included)
     /// above this many padded tokens fail as if the GPU were out of memory.
     simulate_oom_above: Option<usize>,
+    /// Prefix sharing (`with_prefix_sharing`): the length of the gating pattern, which ends a prefix.
+    sharing: Option<usize>,
     /// Where the time of each forward pass goes, when asked for (`with_profile`).
     profile: Option<Arc<Profile>>,
 }
@@ -52,7 +90,15 @@ impl Scorer {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             profile: None,
+            sharing: None,
         }
+    }
+
+    /// Runs the prompt of rows that share it once per window (see `sharing`); `pattern_len`: the
+    /// gating pattern's length in tokens (a prefix ends with it).
+    pub fn with_prefix_sharing(mut self, pattern_len: usize) -> Self {
+        self.sharing = Some(pattern_len);
+        self
     }
 
     /// Times every section of every forward pass, and each batch end to end, into `profile`: a
@@ -87,13 +133,12 @@ impl Scorer {
     }
 
     /// Scores the rows of a window that are there (`None`: a row not to score) on model copy `model`,
-    /// in length-sorted batches; returns each row's outputs in the window's order and the padded tokens
-    /// computed.
+    /// in length-sorted batches; returns each row's outputs in the window's order.
     pub fn score_window(
         &self,
         model: usize,
         window: &[Option<Encoded>],
-    ) -> candle_core::Result<(Vec<Option<RowResult>>, usize)> {
+    ) -> candle_core::Result<WindowScores> {
         let (rows, encoded): (Vec<usize>, Vec<&Encoded>) = window
             .iter()
             .enumerate()
@@ -104,15 +149,13 @@ impl Scorer {
         let lanes = self.lanes.min(encoded.len()).max(1);
         // Each lane's batches get a share of the budget, so activations stay within one full batch.
         let budget = (self.budget.load(Ordering::Relaxed) / lanes).max(1);
-        let mut batches = batch::plan(&lens, budget);
+        let mut work = self.plan(&encoded, &lens, budget);
         // Longest work first, so that the lanes run out of work at about the same time.
-        batches.sort_by_key(|rows| {
-            Reverse(rows.len() * rows.iter().map(|&i| lens[i]).max().unwrap_or(0))
-        });
+        work.sort_by_key(|w| Reverse(w.cost(&lens)));
         let next = AtomicUsize::new(0);
-        let lane = || self.lane(model, &encoded, &batches, &next);
+        let lane = || self.lane(model, &encoded, &work, &next);
         // No thread for a lane that would find the queue empty.
-        let lanes = lanes.min(batches.len()).max(1);
+        let lanes = lanes.min(work.len()).max(1);
         let results: Vec<Lane> = std::thread::scope(|s| {
             let others: Vec<_> = (1..lanes).map(|_| s.spawn(lane)).collect();
             let mut results = vec![lane()];
@@ -125,42 +168,168 @@ impl Scorer {
             }
             results
         });
-        let mut out: Vec<Option<RowResult>> = vec![None; window.len()];
-        let mut padded = 0;
+        let mut out = WindowScores {
+            rows: vec![None; window.len()],
+            padded: 0,
+            saved: None,
+        };
+        let mut saved = 0;
         for result in results {
-            let (scored, tokens) = result?;
-            padded += tokens;
+            let (scored, cost) = result?;
+            out.padded += cost.padded;
+            saved += cost.saved;
             // Back to window order: the reorder step after length sorting.
             for (i, s) in scored {
-                out[rows[i]] = Some(s);
+                out.rows[rows[i]] = Some(s);
             }
         }
-        Ok((out, padded))
+        out.saved = self.sharing.map(|_| saved);
+        Ok(out)
     }
 
-    /// Takes batches from the shared queue until it is empty; on an error, empties it for the other
+    /// The window's work: batches of rows run whole, and units of rows sharing a prompt when sharing
+    /// is on.
+    fn plan(&self, encoded: &[&Encoded], lens: &[usize], budget: usize) -> Vec<Work> {
+        let plan = match self.sharing {
+            Some(pattern_len) => sharing::plan(encoded, pattern_len, budget),
+            None => sharing::Plan {
+                plain: (0..encoded.len()).collect(),
+                units: Vec::new(),
+            },
+        };
+        let plain_lens: Vec<usize> = plan.plain.iter().map(|&i| lens[i]).collect();
+        let mut work: Vec<Work> = batch::plan(&plain_lens, budget)
+            .into_iter()
+            .map(|b| Work::Plain(b.into_iter().map(|i| plan.plain[i]).collect()))
+            .collect();
+        work.extend(plan.units.into_iter().map(Work::Shared));
+        work
+    }
+
+    /// Takes work from the shared queue until it is empty; on an error, empties it for the other
     /// lanes too.
     fn lane(
         &self,
         model: &ArmoRM,
         encoded: &[&Encoded],
-        batches: &[Vec<usize>],
+        work: &[Work],
         next: &AtomicUsize,
     ) -> Lane {
         let mut scored = Vec::new();
-        let mut padded = 0;
+        let mut total = Cost::default();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(rows) = batches.get(i) else {
-                return Ok((scored, padded));
+            let Some(item) = work.get(i) else {
+                return Ok((scored, total));
             };
-            match self.score_rows(model, encoded, rows, &mut scored) {
-                Ok(tokens) => padded += tokens,
+            let result = match item {
+                Work::Plain(rows) => self
+                    .score_rows(model, encoded, rows, &mut scored)
+                    .map(Cost::padded),
+                Work::Shared(unit) => self.score_unit(model, encoded, unit, &mut scored),
+            };
+            match result {
+                Ok(cost) => {
+                    total.padded += cost.padded;
+                    total.saved += cost.saved;
+                }
                 Err(e) => {
-                    next.store(batches.len(), Ordering::Relaxed);
+                    next.store(work.len(), Ordering::Relaxed);
                     return Err(e);
                 }
             }
+        }
+    }
+
+    /// A unit of rows sharing prompts: the prefixes once, then the continuations against their cached
+    /// keys and values. Out of memory, the rows not scored yet run whole instead (and are split as
+    /// there). Returns what it cost, and the tokens sharing saved: the prefixes of the rows continued
+    /// less the prefixes computed.
+    fn score_unit(
+        &self,
+        model: &ArmoRM,
+        encoded: &[&Encoded],
+        unit: &Unit,
+        out: &mut Vec<(usize, RowResult)>,
+    ) -> candle_core::Result<Cost> {
+        let mut heads = FlatBatch::new();
+        for g in &unit.groups {
+            let first = encoded[g.rows[0]];
+            heads.push(&first.ids[..g.prefix], first.gate);
+        }
+        let started = self.profile.as_ref().map(|_| Instant::now());
+        let mut padded = heads.padded_tokens();
+        let prefixes = match self
+            .simulate_oom(padded)
+            .and_then(|()| model.forward_prefixes(&heads))
+        {
+            Ok(prefixes) => prefixes,
+            Err(e) if is_out_of_memory(&e) => {
+                self.lower_budget(padded);
+                let whole = self.score_whole(model, encoded, &unit.batches, out)?;
+                return Ok(Cost::padded(whole));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut reused = 0;
+        for (k, batch) in unit.batches.iter().enumerate() {
+            let mut rows = Continuations::new();
+            for &(r, g) in batch {
+                rows.push(&encoded[r].ids[unit.groups[g].prefix..], g);
+            }
+            let tokens = rows.padded_tokens() + prefixes.tokens();
+            let head = match self
+                .simulate_oom(tokens)
+                .and_then(|()| model.forward_continued(&prefixes, &rows))
+            {
+                Ok(head) => head,
+                Err(e) if is_out_of_memory(&e) => {
+                    self.lower_budget(tokens);
+                    drop(prefixes);
+                    padded += self.score_whole(model, encoded, &unit.batches[k..], out)?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let lens: Vec<usize> = batch.iter().map(|&(r, _)| encoded[r].ids.len()).collect();
+            let scored = self.unpack(&head, &lens)?.into_iter().map(finite);
+            out.extend(batch.iter().map(|&(r, _)| r).zip(scored));
+            padded += rows.padded_tokens();
+            reused += batch
+                .iter()
+                .map(|&(_, g)| unit.groups[g].prefix)
+                .sum::<usize>();
+        }
+        if let (Some(profile), Some(started)) = (&self.profile, started) {
+            profile.add_batch(started.elapsed());
+        }
+        Ok(Cost {
+            padded,
+            saved: reused.saturating_sub(unit.cached_tokens()),
+        })
+    }
+
+    /// The rows of continuation batches, run whole: the way out when sharing ran out of memory.
+    fn score_whole(
+        &self,
+        model: &ArmoRM,
+        encoded: &[&Encoded],
+        batches: &[Vec<(usize, usize)>],
+        out: &mut Vec<(usize, RowResult)>,
+    ) -> candle_core::Result<usize> {
+        let rows: Vec<usize> = batches.iter().flatten().map(|&(r, _)| r).collect();
+        self.score_rows(model, encoded, &rows, out)
+    }
+
+    /// After an out-of-memory error on a pass of `tokens` padded tokens: later batches get half that.
+    fn lower_budget(&self, tokens: usize) {
+        let lowered = (tokens / 2).max(1);
+        self.budget.fetch_min(lowered, Ordering::Relaxed);
+        if !self.oom_logged.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "armorm: out of memory on a batch of {tokens} padded tokens; splitting it and lowering \
+                 --max-batch-tokens to {lowered}"
+            );
         }
     }
 
@@ -189,14 +358,7 @@ impl Scorer {
                 Ok(tokens)
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
-                let lowered = (tokens / 2).max(1);
-                self.budget.fetch_min(lowered, Ordering::Relaxed);
-                if !self.oom_logged.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "armorm: out of memory on a batch of {tokens} padded tokens; splitting it and \
-                         lowering --max-batch-tokens to {lowered}"
-                    );
-                }
+                self.lower_budget(tokens);
                 let (a, b) = rows.split_at(rows.len() / 2);
                 Ok(self.score_rows(model, encoded, a, out)?
                     + self.score_rows(model, encoded, b, out)?)
@@ -215,15 +377,17 @@ impl Scorer {
     }
 
     fn forward(&self, model: &ArmoRM, flat: &FlatBatch) -> candle_core::Result<HeadOutput> {
-        if self
-            .simulate_oom_above
-            .is_some_and(|limit| flat.padded_tokens() > limit)
-        {
+        self.simulate_oom(flat.padded_tokens())?;
+        model.forward(flat)
+    }
+
+    fn simulate_oom(&self, tokens: usize) -> candle_core::Result<()> {
+        if self.simulate_oom_above.is_some_and(|limit| tokens > limit) {
             return Err(candle_core::Error::Msg(
                 "simulated CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
             ));
         }
-        model.forward(flat)
+        Ok(())
     }
 
     /// The copy to the host waits for the device, so it needs no synchronization of its own.
@@ -238,8 +402,21 @@ impl Scorer {
     }
 }
 
-/// What one lane scored: (row in the window, its outputs), and the padded tokens computed.
-type Lane = candle_core::Result<(Vec<(usize, RowResult)>, usize)>;
+/// What one lane scored: (row in the window, its outputs), and what that cost.
+type Lane = candle_core::Result<(Vec<(usize, RowResult)>, Cost)>;
+
+/// What a piece of work cost: padded tokens computed, and tokens prefix sharing saved.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    padded: usize,
+    saved: usize,
+}
+
+impl Cost {
+    fn padded(padded: usize) -> Self {
+        Self { padded, saved: 0 }
+    }
+}
 
 /// candle passes the CUDA driver's error through as text.
 fn is_out_of_memory(e: &candle_core::Error) -> bool {

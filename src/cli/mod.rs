@@ -70,9 +70,14 @@ pub struct ModelArgs {
     /// Compute dtype of the backbone: auto is bf16 on GPU and f32 on CPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
     dtype: String,
-    /// Padded tokens per forward pass (rows × longest row). Results do not depend on it.
+    /// Padded tokens per forward pass (rows × longest row), cached prompts included. Results do not
+    /// depend on it.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch_tokens: u64,
+    /// auto: rows of a window with the same prompt (up to the assistant header) run it once and
+    /// reuse its keys and values; off: every row runs whole. Results do not depend on it.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    prefix_sharing: String,
     /// Longest conversation accepted, in tokens [default: the model's max_position_embeddings].
     #[arg(long)]
     max_length: Option<usize>,
@@ -122,6 +127,9 @@ impl ModelArgs {
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
         let mut scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
+        if self.prefix_sharing == "auto" {
+            scorer = scorer.with_prefix_sharing(encoder.gating_pattern().len());
+        }
         if profile_requested() {
             scorer = scorer.with_profile(std::sync::Arc::new(Profile::default()));
         }

@@ -68,8 +68,16 @@ pub fn summary(s: &Stats) -> String {
     } else {
         String::new()
     };
+    let shared = s.shared_tokens.map_or(String::new(), |saved| {
+        let share = if s.tokens > 0 {
+            100.0 * saved as f64 / s.tokens as f64
+        } else {
+            0.0
+        };
+        format!(", prefix sharing saved {saved} tokens ({share:.1}%)")
+    });
     format!(
-        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%{memory}{skipped}",
+        "armorm: scored {} rows, {} tokens in {:.2} s: {:.0} tokens/s, padding overhead {:.1}%{shared}{memory}{skipped}",
         s.rows,
         s.tokens,
         s.seconds,

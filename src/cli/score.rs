@@ -334,6 +334,7 @@ impl<'a> Job<'a> {
             "rename_input_columns": self.reading.rename_input_columns,
             "window_rows": self.window_rows,
             "max_batch_tokens": self.model.max_batch_tokens,
+            "prefix_sharing": self.model.prefix_sharing,
             "max_length": loaded.encode.max_length,
             "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
             "top_k": self.top_k,

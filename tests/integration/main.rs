@@ -16,4 +16,5 @@ mod parity;
 mod profile;
 mod resume;
 mod shards;
+mod sharing;
 mod tokens;
