@@ -16,7 +16,11 @@ invocation, on the same machine and the same number of threads, it
   6. scores a generated 10,000-row and 1,000,000-row JSONL with the tiny fixture model and prints both
      peak RSS figures (flat memory: the large run must stay within 1.5x of the small one);
   7. checks that pyarrow can filter armorm's Parquet output and write it back (alone:
-     `bench.py --check-parquet FILE`).
+     `bench.py --check-parquet FILE`);
+  8. best-of-8 (issue 12; alone: `--only-best-of-8`): a generated set of 8 answers per prompt
+     (~500-token prompts, ~150-token answers, rows shuffled), armorm with prefix sharing against armorm
+     without it and against transformers' sorted batches; prints the model FLOPs of each way (armorm's
+     tokens computed, padding included, from its summary lines), the time ratios and the score checks.
 """
 
 import argparse
@@ -58,6 +62,22 @@ def make_dataset(path: Path, rows: int, seed: int = 0):
             prompt = " ".join(rng.choice(WORDS, p)) + "?"
             response = " ".join(rng.choice(WORDS, r)) + "."
             f.write(json.dumps({"id": f"r{i}", "prompt": prompt, "response": response}) + "\n")
+
+
+def make_best_of_n(path: Path, prompts: int, n: int = 8, seed: int = 1):
+    """`n` answers per prompt, rows shuffled so that the answers to one prompt lie apart. Prompts of
+    420-640 words and answers of 90-190 words: ~500 and ~150 tokens with the chat template (a word is a
+    little under a token on average: measured 481 tokens for 500 words, 158 for 150 with its end token)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(prompts):
+        prompt = " ".join(rng.choice(WORDS, int(rng.integers(420, 641)))) + "?"
+        for a in range(n):
+            response = " ".join(rng.choice(WORDS, int(rng.integers(90, 191)))) + "."
+            rows.append({"id": f"p{p}-a{a}", "prompt": prompt, "response": response})
+    with path.open("w") as f:
+        for i in rng.permutation(len(rows)):
+            f.write(json.dumps(rows[i]) + "\n")
 
 
 def make_rss_dataset(path: Path, rows: int):
@@ -172,13 +192,35 @@ def model_flops(cfg, lens):
     return sum(per_token * t + 4 * L * t * t * h for t in lens)
 
 
+def sharing_flops(cfg, groups):
+    """Backbone FLOPs (causal attention: each query against the keys up to it) of `groups`, each
+    (prefix tokens, [response tokens...]): every row run whole, and each prefix once with the responses
+    against its cached keys and values. The last layer's work at the picks alone is left out of both."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    per_token = 2 * L * (h * h * 2 + 2 * h * kv + 3 * h * i)
+    pair = 4 * L * h  # one query against one key: q·k and p·v over every head
+
+    def causal(t, past=0):
+        return pair * (t * past + t * (t + 1) // 2)
+
+    whole = shared = 0
+    for prefix, responses in groups:
+        for r in responses:
+            whole += per_token * (prefix + r) + causal(prefix + r)
+            shared += per_token * r + causal(r, prefix)
+        shared += per_token * prefix + causal(prefix)
+    return whole, shared
+
+
 # ---------------------------------------------------------------- armorm
 
 
-def run_armorm(binary, model_dir, data, threads, dtype="f32"):
+def run_armorm(binary, model_dir, data, threads, dtype="f32", extra=()):
     out = Path(tempfile.mkdtemp()) / "out.jsonl"
     cmd = [str(binary), "score", str(data), "--model", str(model_dir), "-o", str(out), "--device", "cpu",
-           "--dtype", dtype, "--threads", str(threads)]
+           "--dtype", dtype, "--threads", str(threads), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"armorm failed: {p.stderr}")
@@ -186,6 +228,62 @@ def run_armorm(binary, model_dir, data, threads, dtype="f32"):
     seconds = float(summary.split(" in ")[1].split(" s")[0])
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     return seconds, {r["id"]: r["score"] for r in rows}, summary
+
+
+def computed_tokens(summary):
+    """Tokens armorm's model computed, padding included, from its summary line."""
+    tokens = int(summary.split(" rows, ")[1].split(" tokens")[0])
+    overhead = float(summary.split("padding overhead ")[1].split("%")[0])
+    saved = int(summary.split("prefix sharing saved ")[1].split(" ")[0]) if "sharing saved" in summary else 0
+    return (tokens - saved) * (1 + overhead / 100)
+
+
+def best_of_8(binary, model_dir, ref, cfg, work, prompts, threads):
+    """Issue 12's benchmark; returns whether the scores agree."""
+    data = work / "best-of-8.jsonl"
+    make_best_of_n(data, prompts)
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    encoded = [ref.encode(r) for r in rows]
+    lens = [len(e) for e in encoded]
+    tokens = sum(lens)
+    by_prompt = {}
+    for r, e in zip(rows, encoded):
+        prefix = ref.gate(e) + len(ref.pattern)
+        by_prompt.setdefault(r["prompt"], (prefix, []))[1].append(len(e) - prefix)
+    whole_flops, shared_flops = sharing_flops(cfg, by_prompt.values())
+    log(f"best-of-8: {len(rows)} rows, {len(by_prompt)} prompts, {tokens} tokens")
+
+    results = []
+    t = time.perf_counter()
+    ref_scores = dict(zip(ids, ref.run(encoded, sorted(range(len(rows)), key=lambda i: lens[i]), 8)))
+    results.append(("transformers sorted, batches of 8", time.perf_counter() - t, ref_scores, None))
+    for label, extra in (("armorm, --prefix-sharing off", ["--prefix-sharing", "off"]),
+                         ("armorm, --prefix-sharing auto", ["--prefix-sharing", "auto"])):
+        seconds, scores, summary = run_armorm(binary, model_dir, data, threads, extra=extra)
+        results.append((label, seconds, scores, summary))
+        log(f"{label}: {seconds:.2f} s")
+
+    print(f"\nbest-of-8: {len(rows)} rows ({len(by_prompt)} prompts x 8 answers, shuffled), {tokens} tokens; "
+          f"mean prompt {np.mean([p for p, _ in by_prompt.values()]):.0f} tokens, mean answer "
+          f"{np.mean([a for _, r in by_prompt.values() for a in r]):.0f}")
+    print(f"model FLOPs: every row whole {whole_flops / 1e12:.3f} T, prompts shared {shared_flops / 1e12:.3f} T: "
+          f"{whole_flops / shared_flops:.2f}x fewer")
+    off, on = results[1], results[2]
+    computed = computed_tokens(off[3]), computed_tokens(on[3])
+    print(f"armorm tokens computed (padding included): off {computed[0]:.0f}, auto {computed[1]:.0f}: "
+          f"{computed[0] / computed[1]:.2f}x fewer")
+    print(f"{'pipeline':42} {'seconds':>8} {'tokens/s':>9} {'vs sorted tf':>12} {'vs off':>7} {'max|diff|':>10}")
+    for label, seconds, scores, _ in results:
+        diff = max(abs(scores[i] - ref_scores[i]) for i in ids)
+        print(f"{label:42} {seconds:8.2f} {tokens / seconds:9.0f} {results[0][1] / seconds:11.2f}x "
+              f"{off[1] / seconds:6.2f}x {diff:10.2e}")
+    shared_vs_off = max(abs(on[2][i] - off[2][i]) for i in ids)
+    print(f"armorm auto vs off: max |score diff| {shared_vs_off:.2e} (must be <= 1e-5); "
+          f"sharing {off[1] / on[1]:.2f}x faster")
+    ok = shared_vs_off <= 1e-5 and max(abs(on[2][i] - ref_scores[i]) for i in ids) <= 1e-3
+    print("best-of-8 scores agree" if ok else "BEST-OF-8 SCORES DISAGREE")
+    return ok
 
 
 def check_parquet(path: Path):
@@ -242,6 +340,9 @@ def main():
     ap.add_argument("--skip-rss", action="store_true", help="skip the 1,000,000-row memory check")
     ap.add_argument("--skip-slow-reference", action="store_true",
                     help="skip the unsorted and one-at-a-time transformers pipelines")
+    ap.add_argument("--best-of-8-prompts", type=int, default=16,
+                    help="prompts in the best-of-8 set (8 rows each); 0 skips it")
+    ap.add_argument("--only-best-of-8", action="store_true", help="run the best-of-8 benchmark alone")
     args = ap.parse_args()
     if args.check_parquet:
         rows = check_parquet(Path(args.check_parquet))
@@ -258,12 +359,15 @@ def main():
         log("generating the benchmark model ...")
         subprocess.run([sys.executable, str(ROOT / "fixtures" / "generate.py"), "--bench-only", str(model_dir)],
                        check=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ref = Reference(model_dir, args.threads)
+    if args.only_best_of_8:
+        ok = best_of_8(builds[0][1], model_dir, ref, cfg, work, args.best_of_8_prompts, args.threads)
+        sys.exit(0 if ok else 1)
     data = work / "bench.jsonl"
     make_dataset(data, args.rows)
     rows = [json.loads(l) for l in data.read_text().splitlines()]
-    cfg = json.loads((model_dir / "config.json").read_text())
 
-    ref = Reference(model_dir, args.threads)
     encoded = [ref.encode(r) for r in rows]
     lens = [len(e) for e in encoded]
     tokens = sum(lens)
@@ -321,6 +425,8 @@ def main():
         print(f"\nbf16 vs f32 score Pearson: {pearson:.5f} (must be >= 0.999)")
         ok &= pearson >= 0.999
     print("scores: armorm f32 within 1e-3 of transformers" if ok else "SCORES DISAGREE")
+    if args.best_of_8_prompts > 0:
+        ok &= best_of_8(builds[0][1], model_dir, ref, cfg, work, args.best_of_8_prompts, args.threads)
 
     label, binary = builds[0]
     scored = work / "bench-scores.parquet"
