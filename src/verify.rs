@@ -208,6 +208,7 @@ pub struct Comparison {
     /// Spearman's rank correlation of the compared rows' scores, file against now; `None` under two
     /// rows or when one side is constant.
     pub spearman: Option<f64>,
+    #[serde(rename = "changed_rows")]
     pub changed: Vec<Changed>,
     /// Compared rows that had no `input_hash` in the file (an older armorm, or JSONL edited by
     /// hand): for them only `num_tokens` tells changed tokens.

@@ -17,3 +17,4 @@ mod profile;
 mod resume;
 mod shards;
 mod tokens;
+mod verify;
