@@ -33,7 +33,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Score a dataset: every row gets score, rewards, gating, coefficients and num_tokens.
+    /// Score a dataset: every row gets score, rewards, gating, coefficients, num_tokens and input_hash.
     Score(score::ScoreArgs),
     /// Show the objectives that drive each row's score (top K by |coefficient|).
     Explain(explain::ExplainArgs),

@@ -35,8 +35,8 @@ pub struct VerifyArgs {
     /// Seed of the draw: the same file, --sample and --seed re-score the same rows.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Largest difference accepted in any output column (score, and each value of rewards, gating and
-    /// coefficients) [default: 1e-4 for a file scored in f32, 5e-2 in bf16 or f16]
+    /// Largest difference accepted in any output column (score, num_tokens, and each value of rewards,
+    /// gating and coefficients) [default: 1e-4 for a file scored in f32, 5e-2 in bf16 or f16]
     #[arg(long, value_parser = tolerance)]
     tolerance: Option<f64>,
     /// Print the report as one JSON object instead of text.
