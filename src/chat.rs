@@ -103,6 +103,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// sha256 of the template's source text (`armorm.template_hash`).
+    source_hash: String,
 }
 
 impl ChatTemplate {
@@ -116,6 +118,7 @@ impl ChatTemplate {
                 .map(|t| t.template)
                 .ok_or(TemplateError::Missing)?,
         };
+        let source_hash = crate::provenance::sha256_hex(source.as_bytes());
         let mut env = Environment::new();
         // transformers compiles chat templates with these two options.
         env.set_trim_blocks(true);
@@ -129,7 +132,13 @@ impl ChatTemplate {
             env,
             bos_token: cfg.bos_token.map(TokenField::content).unwrap_or_default(),
             eos_token: cfg.eos_token.map(TokenField::content).unwrap_or_default(),
+            source_hash,
         })
+    }
+
+    /// Lowercase hex sha256 of the template's Jinja source, as tokenizer_config.json holds it.
+    pub fn source_hash(&self) -> &str {
+        &self.source_hash
     }
 
     /// The text of a complete conversation (no generation prompt), as `apply_chat_template` renders it.
@@ -191,6 +200,21 @@ mod tests {
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|>"
         );
+    }
+
+    #[test]
+    fn the_template_hash_is_that_of_the_source_in_use() {
+        let single =
+            ChatTemplate::from_tokenizer_config(r#"{"chat_template": "{{ 1 }}"}"#).unwrap();
+        // printf '{{ 1 }}' | sha256sum
+        let want = "bb0176da02383e938e8d6c25b22be61026d52766ab5459e8c2de560e75038cc8";
+        assert_eq!(single.source_hash(), want);
+        let named = ChatTemplate::from_tokenizer_config(
+            r#"{"chat_template": [{"name": "tool_use", "template": "x"},
+                                  {"name": "default", "template": "{{ 1 }}"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(named.source_hash(), want);
     }
 
     #[test]

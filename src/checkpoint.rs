@@ -154,11 +154,16 @@ fn resume(
         .and_then(|t| serde_json::from_str(&t).ok())
         .ok_or_else(|| path_err(manifest, "unreadable checkpoint manifest"))?;
     if let Some(key) = differing_key(&earlier, fingerprint) {
+        // A key the manifest lacks was added to armorm since: its parts may lack a column (input_hash).
+        let what = match earlier.get(&key) {
+            None => format!("the interrupted run was made by an older armorm, without `{key}`"),
+            Some(_) => format!("`{key}` differs from the interrupted run's"),
+        };
         return Err(path_err(
             dir,
             format!(
-                "cannot resume: `{key}` differs from the interrupted run's; add --overwrite (instead \
-                 of --resume) to discard its {} scored windows and start again",
+                "cannot resume: {what}; add --overwrite (instead of --resume) to discard its {} \
+                 scored windows and start again",
                 count_parts(dir)
             ),
         ));

@@ -117,6 +117,11 @@ impl Encoder {
         bytes.div_ceil(per_token)
     }
 
+    /// sha256 of the chat template's source (`armorm.template_hash`).
+    pub fn template_hash(&self) -> &str {
+        self.template.source_hash()
+    }
+
     pub fn gating_pattern(&self) -> &[u32] {
         &self.pattern
     }

@@ -12,9 +12,10 @@
 //! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows held in
 //!   memory, rows to conversations), `output` (score columns, sinks: file, stdout, memory),
 //!   `checkpoint` (resumable part files), `parquet_out` (Parquet with classic Arrow types), `table`
-//!   (whole scored tables for the commands after scoring).
-//! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`
-//!   and `select` (filter, best-of-n).
+//!   (whole scored tables for the commands after scoring), `provenance` (what a scored file records
+//!   about its model, template and rows).
+//! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`,
+//!   `select` (filter, best-of-n) and `verify` (sampling and comparing re-scored rows).
 //!
 //! To add an input format: `format.rs` (its extensions), a reader in `input/` and its arm in
 //! `input::open`; `table::read` if the commands after scoring should read it too. To add an output
@@ -40,12 +41,14 @@ pub mod output;
 pub mod pairwise;
 pub mod parquet_out;
 pub mod pipeline;
+pub mod provenance;
 pub mod scorer;
 pub mod select;
 pub mod shard;
 pub mod sharing;
 pub mod signal;
 pub mod table;
+pub mod verify;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.
 pub const ATTRIBUTES: [&str; 19] = [

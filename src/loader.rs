@@ -48,7 +48,10 @@ pub struct ModelFiles {
     pub dir: PathBuf,
     pub weights: Vec<PathBuf>,
     pub name: String,
+    /// `--revision` as given (`main` when not given), for a hub repo.
     pub revision: Option<String>,
+    /// The commit that revision resolved to: the name of its snapshot folder in the hub cache.
+    pub commit: Option<String>,
 }
 
 /// `model` is a directory if one exists at that path, else a hub repo id.
@@ -60,6 +63,7 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles, LoadEr
             weights: local_weights(path)?,
             name: model.to_string(),
             revision: None,
+            commit: None,
         });
     }
     let looks_like_repo =
@@ -220,12 +224,23 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles, LoadError> {
             .collect::<Result<Vec<_>, _>>()?,
         Err(_) => vec![fetch(SINGLE)?],
     };
+    let dir = dir.unwrap_or_default();
     Ok(ModelFiles {
-        dir: dir.unwrap_or_default(),
+        commit: snapshot_commit(&dir),
+        dir,
         weights,
         name: repo_id.to_string(),
         revision: Some(revision.to_string()),
     })
+}
+
+/// The commit of a hub cache snapshot folder (`.../snapshots/COMMIT`), where the files of every
+/// revision are laid out by huggingface_hub and hf-hub alike.
+fn snapshot_commit(dir: &Path) -> Option<String> {
+    let parent = dir.parent()?.file_name()?;
+    (parent == "snapshots")
+        .then(|| dir.file_name().map(|c| c.to_string_lossy().into_owned()))
+        .flatten()
 }
 
 pub fn read_config(dir: &Path) -> Result<ArmoRMConfig, LoadError> {
@@ -323,5 +338,10 @@ mod tests {
         assert_eq!(cached_snapshot(repo, "v2"), None);
         assert_eq!(cached_snapshot(repo, "../snapshots"), None);
         assert_eq!(cached_snapshot(repo, ""), None);
+        assert_eq!(
+            snapshot_commit(&repo.join("snapshots").join(commit)).as_deref(),
+            Some(commit)
+        );
+        assert_eq!(snapshot_commit(repo), None);
     }
 }

@@ -17,6 +17,11 @@ fn main() -> ExitCode {
             eprintln!("armorm: {e}");
             ExitCode::from(3)
         }
+        // `armorm verify`: the file's outputs are not what the model gives now.
+        Err(e) if e.downcast_ref::<cli::verify::Mismatch>().is_some() => {
+            eprintln!("armorm: {e}");
+            ExitCode::from(4)
+        }
         Err(e) => {
             eprintln!("armorm: error: {}", one_line(&e));
             // SIGINT / SIGTERM stopped the run: 130 / 143, as if the signal had ended it.

@@ -11,8 +11,16 @@ pub use crate::format::Format;
 use crate::model::RowScore;
 use crate::parquet_out::ClassicWriter;
 
-/// The columns armorm adds, in order.
-pub const SCORE_COLUMNS: [&str; 5] = ["score", "rewards", "gating", "coefficients", "num_tokens"];
+/// The columns armorm adds, in order. `input_hash` identifies the token ids each row was scored from
+/// (see `provenance::input_hash`): `armorm verify` tells a changed template or tokenizer by it.
+pub const SCORE_COLUMNS: [&str; 6] = [
+    "score",
+    "rewards",
+    "gating",
+    "coefficients",
+    "num_tokens",
+    "input_hash",
+];
 /// Added under `--on-error skip` or `--truncate prompt-left`.
 pub const STATUS_COLUMNS: [&str; 2] = ["status", "error"];
 /// Added by `--top-k`.
@@ -164,11 +172,12 @@ pub fn top_columns(coefficients: &[Option<&[f32]>], top: &TopK) -> [Column; 2] {
     ]
 }
 
-/// The input's columns followed by `SCORE_COLUMNS` (null for rows without scores), then `status` and
-/// `error` when given, then the top-K columns when asked.
+/// The input's columns followed by `SCORE_COLUMNS` (null for rows without scores; `input_hash` null
+/// for rows never encoded), then `status` and `error` when given, then the top-K columns when asked.
 pub fn with_scores(
     frame: &DataFrame,
     scores: &[Option<RowScore>],
+    hashes: &[Option<String>],
     statuses: Option<&[RowStatus]>,
     top: Option<&TopK>,
 ) -> Result<DataFrame, OutputError> {
@@ -214,6 +223,10 @@ pub fn with_scores(
                 .iter()
                 .map(|s| s.as_ref().map(|s| s.num_tokens as i64))
                 .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "input_hash".into(),
+            hashes.iter().map(Option::as_deref).collect::<Vec<_>>(),
         ),
     ];
     if let Some(statuses) = statuses {
@@ -434,7 +447,7 @@ impl Sink for ParquetSink {
     fn finish(mut self: Box<Self>) -> Result<(), OutputError> {
         if self.writer.is_none() {
             // No rows at all: still a valid file, with the score columns.
-            let empty = with_scores(&DataFrame::empty(), &[], None, None)?;
+            let empty = with_scores(&DataFrame::empty(), &[], &[], None, None)?;
             self.writer(&empty.schema().clone())?;
         }
         if let Some(w) = self.writer.take() {
@@ -477,7 +490,8 @@ mod tests {
             coefficients: vec![1.0, 0.0],
             num_tokens: 3,
         };
-        let out = with_scores(&df, &[Some(s(1.0)), Some(s(2.0))], None, None).unwrap();
+        let hashes = [Some("00ff".to_string()), None];
+        let out = with_scores(&df, &[Some(s(1.0)), Some(s(2.0))], &hashes, None, None).unwrap();
         let names: Vec<String> = out
             .get_column_names()
             .iter()
@@ -491,9 +505,12 @@ mod tests {
                 "rewards",
                 "gating",
                 "coefficients",
-                "num_tokens"
+                "num_tokens",
+                "input_hash"
             ]
         );
+        let hash = out.column("input_hash").unwrap().str().unwrap().clone();
+        assert_eq!((hash.get(0), hash.get(1)), (Some("00ff"), None));
         assert_eq!(
             out.column("score").unwrap().f32().unwrap().get(1),
             Some(2.0)
@@ -501,6 +518,7 @@ mod tests {
         assert!(with_scores(
             &out.select(["score"]).unwrap(),
             &[Some(s(1.0)), Some(s(2.0))],
+            &hashes,
             None,
             None
         )

@@ -23,6 +23,7 @@ use crate::encoder::{Encoded, Encoder};
 use crate::input::{self, Chunk, ChunkSource, InputError, Location};
 use crate::model::RowScore;
 use crate::output::{self, OutputError, RowStatus, Sink, Status, TopK};
+use crate::provenance;
 use crate::scorer::{RowFailure, Scorer};
 use crate::shard::Shard;
 use crate::signal::{self, Interrupted};
@@ -110,6 +111,8 @@ struct EncodedWindow {
     chunk: Chunk,
     input: String,
     encoded: Vec<Option<Encoded>>,
+    /// Each encoded row's `input_hash`, computed here on the tokenizing threads.
+    hashes: Vec<Option<String>>,
     statuses: Vec<RowStatus>,
     fraction: Option<f64>,
 }
@@ -120,6 +123,7 @@ struct Scored {
     frame: DataFrame,
     input: String,
     scores: Vec<Option<RowScore>>,
+    hashes: Vec<Option<String>>,
     statuses: Vec<RowStatus>,
     tokens: usize,
     padded: usize,
@@ -293,15 +297,21 @@ fn read_and_encode(
             if window <= select.skip_windows {
                 continue;
             }
-            let item =
-                encode_chunk(&chunk, encode, policy).map(|(encoded, statuses)| EncodedWindow {
+            let item = encode_chunk(&chunk, encode, policy).map(|(encoded, statuses)| {
+                let hashes = encoded
+                    .par_iter()
+                    .map(|e| e.as_ref().map(|e| provenance::input_hash(&e.ids)))
+                    .collect();
+                EncodedWindow {
                     seq: window,
                     chunk,
                     input: name.clone(),
                     encoded,
+                    hashes,
                     statuses,
                     fraction,
-                });
+                }
+            });
             let failed = item.is_err();
             // A closed channel means the model stage stopped: its error is reported there.
             if tx.send(item).is_err() || failed {
@@ -513,6 +523,7 @@ fn score_window(
         chunk,
         input,
         encoded,
+        hashes,
         statuses,
         fraction,
     } = item?;
@@ -549,6 +560,7 @@ fn score_window(
         frame: chunk.frame,
         input,
         scores,
+        hashes,
         statuses,
         tokens,
         padded,
@@ -610,7 +622,7 @@ impl WindowWriter<'_> {
         };
         let frame = DataFrame::empty_with_schema(schema);
         let statuses = self.status_columns.then_some(&[][..]);
-        let mut scored = output::with_scores(&frame, &[], statuses, self.top.as_ref())?;
+        let mut scored = output::with_scores(&frame, &[], &[], statuses, self.top.as_ref())?;
         sink.write(&mut scored)?;
         Ok(())
     }
@@ -627,7 +639,8 @@ impl WindowWriter<'_> {
             })?,
         };
         let statuses = self.status_columns.then_some(w.statuses.as_slice());
-        let mut scored = output::with_scores(&frame, &w.scores, statuses, self.top.as_ref())?;
+        let mut scored =
+            output::with_scores(&frame, &w.scores, &w.hashes, statuses, self.top.as_ref())?;
         sink.write(&mut scored)?;
         self.stats.skipped += w.statuses.iter().filter(|s| s.skipped()).count();
         self.stats.rows += w.scores.len();

@@ -6,6 +6,7 @@ mod explain;
 mod filter;
 mod progress;
 pub mod score;
+pub mod verify;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -16,6 +17,7 @@ use armorm::input::{
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
 use armorm::model::{ArmoRMConfig, Profile};
 use armorm::pipeline::EncodeStage;
+use armorm::provenance::{self, Provenance};
 use armorm::scorer::Scorer;
 
 #[derive(Parser)]
@@ -31,7 +33,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Score a dataset: every row gets score, rewards, gating, coefficients and num_tokens.
+    /// Score a dataset: every row gets score, rewards, gating, coefficients, num_tokens and input_hash.
     Score(score::ScoreArgs),
     /// Show the objectives that drive each row's score (top K by |coefficient|).
     Explain(explain::ExplainArgs),
@@ -42,6 +44,9 @@ enum Command {
     /// Per prompt, keep the best-scored response, or emit DPO pairs (best vs worst).
     #[command(name = "best-of-n")]
     BestOfN(best_of_n::BestOfNArgs),
+    /// Re-score a random sample of a scored file's rows and compare (f32 on the CPU by default): exit
+    /// code 4 when outputs differ past the tolerance or rows' tokens changed.
+    Verify(verify::VerifyArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -51,6 +56,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Filter(args) => filter::run(args),
         Command::BestOfN(args) => best_of_n::run(args),
+        Command::Verify(args) => verify::run(args),
     }
 }
 
@@ -94,6 +100,7 @@ pub struct Loaded {
     pub config: ArmoRMConfig,
     pub files: ModelFiles,
     pub dtype: candle_core::DType,
+    pub provenance: Provenance,
 }
 
 impl ModelArgs {
@@ -133,6 +140,22 @@ impl ModelArgs {
         if profile_requested() {
             scorer = scorer.with_profile(std::sync::Arc::new(Profile::default()));
         }
+        let provenance = Provenance {
+            model: files.name.clone(),
+            revision: files.revision.clone().unwrap_or_default(),
+            commit: files.commit.clone().unwrap_or_default(),
+            model_hash: provenance::model_hash(&files)
+                .with_context(|| format!("loading model {}", files.name))?,
+            template_hash: encoder.template_hash().to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            device: devices
+                .iter()
+                .map(device_name)
+                .collect::<Vec<_>>()
+                .join(","),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            max_length: max_length.to_string(),
+        };
         Ok(Loaded {
             encode: EncodeStage {
                 encoder,
@@ -142,6 +165,7 @@ impl ModelArgs {
             config,
             files,
             dtype,
+            provenance,
         })
     }
 
@@ -158,6 +182,15 @@ impl ModelArgs {
             ),
             Some(n) => Ok(n),
         }
+    }
+}
+
+/// `cpu`, `cuda:N` or `metal:N`, as `--device` names it.
+fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 

@@ -7,6 +7,7 @@ use armorm::checkpoint::{self, input_fingerprint, Checkpoint, Earlier};
 use armorm::input::{self, MemoryRow, MemorySource};
 use armorm::output::{self, MemorySink, Sink, Target, TopK};
 use armorm::pipeline::{self, InputSource, Opener, Options, PipelineError, Policy};
+use armorm::provenance::Provenance;
 use armorm::shard::Shard;
 use polars::prelude::DataFrame;
 
@@ -238,22 +239,49 @@ impl<'a> Job<'a> {
 
     /// `rows` scored in this process: the input's frames with the score columns, in order.
     pub fn score_rows(&self, name: &str, rows: Vec<MemoryRow>) -> Result<DataFrame> {
+        self.score_to_memory(self.memory_input(name, rows))
+    }
+
+    /// `rows` scored in this process under a policy that keeps bad rows (`skip_bad`): all of them, with
+    /// `status` and `error`, even when some have no scores (for a command that judges them itself),
+    /// and the provenance of the model and template that scored them.
+    pub fn score_rows_keeping_skipped(
+        &self,
+        name: &str,
+        rows: Vec<MemoryRow>,
+    ) -> Result<(DataFrame, Provenance)> {
+        let sink = MemorySink::default();
+        let (loaded, scored) = self.score_into(self.memory_input(name, rows), &sink)?;
+        match scored {
+            Err(e) if !e.is::<RowsSkipped>() => Err(e),
+            _ => Ok((sink.frame()?, loaded.provenance)),
+        }
+    }
+
+    fn memory_input(&self, name: &str, rows: Vec<MemoryRow>) -> InputSource {
         let window = self.window_rows;
         let open: Opener = Box::new(move || Ok(Box::new(MemorySource::new(rows, window))));
-        self.score_to_memory(InputSource {
+        InputSource {
             name: name.to_string(),
             share: 1.0,
             open,
-        })
+        }
     }
 
     /// One input scored in this process, its frames kept instead of written.
     pub fn score_to_memory(&self, input: InputSource) -> Result<DataFrame> {
-        let (_signals, _, loaded) = self.load()?;
         let sink = MemorySink::default();
-        let progress = Progress::new(self.run.quiet, true);
-        self.score(&loaded, vec![input], Box::new(sink.clone()), 0, &progress)?;
+        self.score_into(input, &sink)?.1?;
         Ok(sink.frame()?)
+    }
+
+    /// One input scored into `sink`: the model loaded (an error if it could not be), and how the
+    /// scoring ended.
+    fn score_into(&self, input: InputSource, sink: &MemorySink) -> Result<(Loaded, Result<()>)> {
+        let (_signals, _, loaded) = self.load()?;
+        let progress = Progress::new(self.run.quiet, true);
+        let scored = self.score(&loaded, vec![input], Box::new(sink.clone()), 0, &progress);
+        Ok((loaded, scored))
     }
 
     /// The model on its devices, with signals caught from here on: a stop keeps the committed windows
@@ -326,6 +354,9 @@ impl<'a> Job<'a> {
             "parts": "parquet",
             "model": loaded.files.name,
             "revision": loaded.files.revision,
+            "commit": loaded.files.commit,
+            "model_hash": loaded.provenance.model_hash,
+            "template_hash": loaded.provenance.template_hash,
             "dtype": format!("{:?}", loaded.dtype),
             "device": kinds,
             "inputs": inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
@@ -338,6 +369,8 @@ impl<'a> Job<'a> {
             "max_length": loaded.encode.max_length,
             "shard": self.shard.map(|s| format!("{}/{}", s.index, s.count)),
             "top_k": self.top_k,
+            // Parts written before a column was added cannot be joined with parts that have it.
+            "output_columns": output::written_columns(self.policy.status_columns(), self.top_k.is_some()),
             "skip_bad": self.policy.skip_bad,
             "truncate": self.policy.truncate,
         })
@@ -381,23 +414,14 @@ fn total_size(inputs: &[String]) -> bool {
     inputs.iter().all(|p| file_size(p).is_some())
 }
 
-/// Parquet key-value metadata: what the numbers mean and where they came from.
+/// Parquet key-value metadata: what the numbers mean and where they came from (see
+/// `armorm::provenance`).
 pub fn metadata(loaded: &Loaded) -> Vec<(String, String)> {
     let names = armorm::attribute_names(loaded.config.num_objectives);
-    vec![
-        (
-            "armorm.attributes".into(),
-            serde_json::to_string(&names).unwrap_or_default(),
-        ),
-        ("armorm.model".into(), loaded.files.name.clone()),
-        (
-            "armorm.revision".into(),
-            loaded.files.revision.clone().unwrap_or_default(),
-        ),
-        ("armorm.version".into(), env!("CARGO_PKG_VERSION").into()),
-        (
-            "armorm.dtype".into(),
-            format!("{:?}", loaded.dtype).to_lowercase(),
-        ),
-    ]
+    let mut kv = vec![(
+        "armorm.attributes".into(),
+        serde_json::to_string(&names).unwrap_or_default(),
+    )];
+    kv.extend(loaded.provenance.to_metadata());
+    kv
 }

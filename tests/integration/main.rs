@@ -18,3 +18,4 @@ mod resume;
 mod shards;
 mod sharing;
 mod tokens;
+mod verify;

@@ -384,6 +384,38 @@ fn resume_on_another_device_is_refused() {
     );
 }
 
+/// Parts written by an armorm before `input_hash` (and the hashes of the model and template) cannot be
+/// joined with parts that have them: resuming them is refused, naming --overwrite.
+#[test]
+fn resume_of_parts_from_before_input_hash_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.parquet"));
+    rows_with_a_bad_one(&input, 6, Some(4));
+    let out = score(&input, &output, &["--window-rows", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let part = parquet(&parts_dir(&output).join("part-00000000.parquet"));
+    assert!(part.column("input_hash").is_ok());
+    let manifest = parts_dir(&output).join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let columns = m["output_columns"].as_array().unwrap();
+    assert!(columns.contains(&"input_hash".into()), "{m}");
+    // The manifest such an armorm wrote.
+    for key in ["output_columns", "commit", "model_hash", "template_hash"] {
+        m.as_object_mut().unwrap().remove(key).unwrap();
+    }
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let out = score(&input, &output, &["--window-rows", "2", "--resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out);
+    assert!(
+        err.contains("cannot resume: the interrupted run was made by an older armorm")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(part_count(&output), 2);
+}
+
 /// `-o` naming an input, however spelled, is refused and the input stays as it was.
 #[test]
 fn output_over_an_input_is_refused() {
