@@ -233,13 +233,13 @@ impl Lookup<'_> {
         format!("{PREFIX}{}@{}/", self.url.repo, self.revision)
     }
 
-    /// What is missing, in words.
-    fn wanted(&self) -> String {
+    /// What is missing, as the subject of "... not in ...".
+    fn missing(&self) -> String {
         match Selection::of(self.url.path.as_deref()) {
-            Selection::File(p) => p.to_string(),
-            Selection::Glob(g) => format!("no file matching {g}"),
+            Selection::File(p) => format!("{p} is"),
+            Selection::Glob(g) => format!("files matching {g} are"),
             Selection::DefaultSplit => {
-                "the Parquet conversion's files (CONFIG/SPLIT/NNNN.parquet)".to_string()
+                "the Parquet conversion's files (CONFIG/SPLIT/NNNN.parquet) are".to_string()
             }
         }
     }
@@ -258,9 +258,16 @@ impl Lookup<'_> {
         if self.revision != "main" {
             cmd.push_str(&format!(" --revision {}", self.revision));
         }
+        let own = match Selection::of(self.url.path.as_deref()) {
+            Selection::DefaultSplit => format!(
+                ", or name the repo's own files (as in {PREFIX}{}/data/*.parquet)",
+                self.url.repo
+            ),
+            _ => String::new(),
+        };
         format!(
             "download it where there is network (`{cmd}`) and copy the cache here, or set \
-             HF_HUB_CACHE to a cache that holds it"
+             HF_HUB_CACHE to a cache that holds it{own}"
         )
     }
 
@@ -271,9 +278,9 @@ impl Lookup<'_> {
             return Err(self.err(
                 None,
                 format!(
-                    "{} is not in the Hugging Face cache at {}: no snapshot of this revision under \
+                    "{} not in the Hugging Face cache at {}: no snapshot of this revision under \
                      {folder} ({why}); {}",
-                    self.wanted(),
+                    self.missing(),
                     self.cache.display(),
                     self.download_hint()
                 ),
@@ -286,8 +293,8 @@ impl Lookup<'_> {
             Miss::Missing => self.err(
                 Some(&commit),
                 format!(
-                    "{} is not in the cached snapshot {} ({why}); {}",
-                    self.wanted(),
+                    "{} not in the cached snapshot {} ({why}); {}",
+                    self.missing(),
                     snapshot.display(),
                     self.download_hint()
                 ),
@@ -312,7 +319,7 @@ impl Lookup<'_> {
             Miss::Refused(m) => self.err(Some(&info.sha), m),
             Miss::Missing => self.err(
                 Some(&info.sha),
-                format!("{} is not in this revision on the hub", self.wanted()),
+                format!("{} not in this revision on the hub", self.missing()),
             ),
         })?;
         let snapshot = self.repo_dir.join("snapshots").join(&info.sha);
