@@ -25,9 +25,9 @@ pub const DEFAULT_INPUT: &str =
 #[derive(Args)]
 pub struct EvalArgs {
     /// Rows with prompt, chosen and rejected (strings or message lists), and optionally subset and id:
-    /// .jsonl, .parquet, - for JSONL on stdin, or hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB]
-    /// [default: RewardBench's filtered split]
-    #[arg(default_value = DEFAULT_INPUT, hide_default_value = true)]
+    /// .jsonl, .parquet, - for JSONL on stdin, or hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB];
+    /// by default RewardBench's filtered split.
+    #[arg(default_value = DEFAULT_INPUT)]
     input: String,
     /// Per-pair results: .parquet or .jsonl [default: INPUT's stem + .eval.parquet, for a hub dataset
     /// NAME.eval.parquet in the current directory; none for stdin]

@@ -272,7 +272,7 @@ impl Lookup<'_> {
     }
 
     /// The files from the cache alone; `why` says why the hub was not asked.
-    fn from_cache(&self, why: &str, notice: Option<String>) -> Result<HubDataset, HubError> {
+    fn in_cache(&self, why: &str, notice: Option<String>) -> Result<HubDataset, HubError> {
         let folder = self.repo_dir.display();
         let Some((commit, snapshot)) = super::cached_commit(&self.repo_dir, &self.revision) else {
             return Err(self.err(
@@ -304,13 +304,13 @@ impl Lookup<'_> {
     }
 
     /// The hub's listing of the revision, and each file from the cache or downloaded.
-    fn from_hub(&self, api: &ApiRepo) -> Result<HubDataset, HubError> {
+    fn on_hub(&self, api: &ApiRepo) -> Result<HubDataset, HubError> {
         let info = match api.info() {
             Ok(info) => info,
             // huggingface_hub also falls back to the cache when the hub cannot answer.
             Err(e) => {
                 let why = format!("the hub could not be asked: {e}");
-                return self.from_cache(&why, Some(format!("{why}; using the cached snapshot")));
+                return self.in_cache(&why, Some(format!("{why}; using the cached snapshot")));
             }
         };
         let tree: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
@@ -404,11 +404,11 @@ pub fn resolve_dataset(url: &DatasetUrl, progress: bool) -> Result<HubDataset, H
         cache,
     };
     if super::offline() {
-        return lookup.from_cache("HF_HUB_OFFLINE is set", None);
+        return lookup.in_cache("HF_HUB_OFFLINE is set", None);
     }
     let api = super::api(&lookup.cache, progress)
         .map_err(|e| lookup.err(None, format!("starting the hub client: {e}")))?;
-    lookup.from_hub(&api.repo(repo))
+    lookup.on_hub(&api.repo(repo))
 }
 
 #[cfg(test)]
