@@ -373,6 +373,19 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// A hub file by its name at the resolved commit and its size: the commit fixes its bytes, so a run
+/// resumes whatever cache holds them, and is refused once the revision names another commit. Any other
+/// file by `input_fingerprint`.
+pub fn file_fingerprint(file: &crate::input::InputFile) -> serde_json::Value {
+    match &file.pinned {
+        Some(name) => {
+            let size = fs::metadata(&file.path).ok().map(|m| m.len());
+            serde_json::json!({ "path": name, "size": size })
+        }
+        None => input_fingerprint(&file.path),
+    }
+}
+
 /// Size, modification time and a hash of the first MiB of each input: enough to refuse resuming over
 /// different data.
 pub fn input_fingerprint(path: &str) -> serde_json::Value {

@@ -10,7 +10,8 @@
 //!   in its `EncodeStage`, score and write windows on threads), with `shard` and `signal` (stop at a
 //!   window boundary).
 //! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows held in
-//!   memory, rows to conversations), `output` (score columns, sinks: file, stdout, memory),
+//!   memory, rows to conversations), `hub` (the Hugging Face cache, shared with `loader`, and
+//!   `hf://datasets/...` names resolved to files in it), `output` (score columns, sinks: file, stdout, memory),
 //!   `checkpoint` (resumable part files), `parquet_out` (Parquet with classic Arrow types), `table`
 //!   (whole scored tables for the commands after scoring), `provenance` (what a scored file records
 //!   about its model, template and rows).
@@ -34,6 +35,7 @@ pub mod checkpoint;
 pub mod encoder;
 pub mod explain;
 pub mod format;
+pub mod hub;
 pub mod input;
 pub mod loader;
 pub mod model;

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 
 use crate::encoder::{Encoder, EncoderError};
+use crate::hub;
 use crate::model::{ArmoRM, ArmoRMConfig};
 
 pub const DEFAULT_MODEL: &str = "RLHFlow/ArmoRM-Llama3-8B-v0.1";
@@ -115,80 +116,21 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>, LoadError> {
         .collect()
 }
 
-/// Set and non-empty.
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-/// `HF_HOME` as huggingface_hub finds it: the variable, else `$XDG_CACHE_HOME/huggingface`, else
-/// `~/.cache/huggingface`.
-fn hf_home() -> PathBuf {
-    env_path("HF_HOME").unwrap_or_else(|| {
-        env_path("XDG_CACHE_HOME")
-            .or_else(|| env_path("HOME").map(|h| h.join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"))
-            .join("huggingface")
-    })
-}
-
-/// The hub cache as huggingface_hub finds it: `HF_HUB_CACHE`, else the legacy `HUGGINGFACE_HUB_CACHE`,
-/// else `$HF_HOME/hub`.
-pub fn hub_cache_dir() -> PathBuf {
-    env_path("HF_HUB_CACHE")
-        .or_else(|| env_path("HUGGINGFACE_HUB_CACHE"))
-        .unwrap_or_else(|| hf_home().join("hub"))
-}
-
-/// `HF_TOKEN`, else the file `huggingface-cli login` writes (`HF_TOKEN_PATH`, default `$HF_HOME/token`).
-fn hub_token() -> Option<String> {
-    if let Ok(t) = std::env::var("HF_TOKEN") {
-        return Some(t);
-    }
-    let path = env_path("HF_TOKEN_PATH").unwrap_or_else(|| hf_home().join("token"));
-    let token = std::fs::read_to_string(path).ok()?;
-    Some(token.trim().to_string()).filter(|t| !t.is_empty())
-}
-
-/// The snapshot folder of `revision` in a repo's cache folder (`models--OWNER--NAME`): a branch or tag
-/// is resolved through `refs/REVISION`, a commit hash names its snapshot directly, as huggingface_hub
-/// lays them out.
-fn cached_snapshot(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
-    // A revision is a path below refs/ or snapshots/; it must not climb out of them.
-    if revision.is_empty()
-        || revision.starts_with('/')
-        || revision.split('/').any(|c| c == ".." || c == ".")
-    {
-        return None;
-    }
-    let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
-        .map(|c| c.trim().to_string())
-        .unwrap_or_else(|_| revision.to_string());
-    let snapshot = repo_dir.join("snapshots").join(commit);
-    snapshot.is_dir().then_some(snapshot)
-}
-
 fn from_hub(repo_id: &str, revision: &str) -> Result<ModelFiles, LoadError> {
-    let cache_dir = hub_cache_dir();
+    let cache_dir = hub::cache_dir();
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let snapshot = cached_snapshot(&cache_dir.join(repo.folder_name()), revision);
-    let offline =
-        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let snapshot = hub::cached_snapshot(&cache_dir.join(repo.folder_name()), revision);
     let hub_err = |message: String| LoadError::Hub {
         repo: repo_id.to_string(),
         revision: revision.to_string(),
         cache: cache_dir.display().to_string(),
         message,
     };
-    let api = if offline {
+    let api = if hub::offline() {
         None
     } else {
         Some(
-            ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
-                .with_progress(false)
-                .with_token(hub_token())
-                .build()
+            hub::api(&cache_dir, false)
                 .map_err(|e| hub_err(e.to_string()))?
                 .repo(repo.clone()),
         )
@@ -316,28 +258,16 @@ pub fn load(
     let model = ArmoRM::load(vb, &cfg).map_err(weights_err)?;
     Ok((model, cfg, encoder))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn snapshots_are_found_by_ref_or_by_commit_and_never_outside() {
+    fn the_commit_is_the_snapshot_folder_name() {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path();
         let commit = "0123456789abcdef0123456789abcdef01234567";
         std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
-        std::fs::create_dir_all(repo.join("refs").join("pr")).unwrap();
-        // huggingface_hub writes the commit without a newline; an editor may add one.
-        std::fs::write(repo.join("refs").join("main"), format!("{commit}\n")).unwrap();
-        std::fs::write(repo.join("refs").join("pr").join("1"), commit).unwrap();
-        let want = Some(repo.join("snapshots").join(commit));
-        assert_eq!(cached_snapshot(repo, "main"), want);
-        assert_eq!(cached_snapshot(repo, "pr/1"), want);
-        assert_eq!(cached_snapshot(repo, commit), want);
-        assert_eq!(cached_snapshot(repo, "v2"), None);
-        assert_eq!(cached_snapshot(repo, "../snapshots"), None);
-        assert_eq!(cached_snapshot(repo, ""), None);
         assert_eq!(
             snapshot_commit(&repo.join("snapshots").join(commit)).as_deref(),
             Some(commit)

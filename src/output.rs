@@ -69,7 +69,8 @@ impl Target {
         })
     }
 
-    /// Without `-o`: INPUT's stem + `.scores.parquet` beside it; stdin goes to stdout.
+    /// Without `-o`: INPUT's stem + `.scores.parquet` beside it (a hub dataset's NAME in the current
+    /// directory, see `input::output_stem`); stdin goes to stdout.
     pub fn default_for(input: &str) -> Self {
         if input == "-" {
             return Self {
@@ -77,13 +78,21 @@ impl Target {
                 format: Format::Jsonl,
             };
         }
-        let p = Path::new(input);
-        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
         Self {
-            path: Some(p.with_file_name(format!("{stem}.scores.parquet"))),
+            path: Some(with_suffix(
+                &crate::input::output_stem(input),
+                ".scores.parquet",
+            )),
             format: Format::Parquet,
         }
     }
+}
+
+/// `stem` + `suffix`, as one file name (a stem may hold dots: `v1.2` + `.scores.parquet`).
+pub fn with_suffix(stem: &Path, suffix: &str) -> PathBuf {
+    let mut name = stem.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// `armorm score --top-k`: also write each row's K attributes of largest |coefficient|.
@@ -477,6 +486,12 @@ mod tests {
             PathBuf::from("data/x.scores.parquet")
         );
         assert_eq!(Target::default_for("-").path, None);
+        assert_eq!(
+            Target::default_for("hf://datasets/allenai/reward-bench@v1/data/*.parquet")
+                .path
+                .unwrap(),
+            PathBuf::from("reward-bench.scores.parquet")
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io::{Cursor, Read};
 use polars::prelude::*;
 
 use crate::format::Format;
-use crate::input::InputError;
+use crate::input::{InputError, InputFile};
 use crate::output::{self, OutputError, Target};
 
 /// A table and the names of the objectives in its `rewards`/`coefficients` lists.
@@ -18,13 +18,18 @@ pub struct Table {
 
 /// All the bytes of a JSONL input (`-` is stdin).
 pub fn read_bytes(path: &str) -> Result<Vec<u8>, InputError> {
+    read_bytes_of(&InputFile::local(path))
+}
+
+/// `read_bytes`, errors naming the file by its label.
+pub fn read_bytes_of(input: &InputFile) -> Result<Vec<u8>, InputError> {
     let mut bytes = Vec::new();
-    let read = if path == "-" {
+    let read = if input.path == "-" {
         std::io::stdin().read_to_end(&mut bytes)
     } else {
-        File::open(path).and_then(|mut f| f.read_to_end(&mut bytes))
+        File::open(&input.path).and_then(|mut f| f.read_to_end(&mut bytes))
     };
-    read.map_err(|e| InputError::new(path, None, format!("cannot read: {e}")))?;
+    read.map_err(|e| InputError::new(&input.label, None, format!("cannot read: {e}")))?;
     Ok(bytes)
 }
 
@@ -45,8 +50,55 @@ pub fn jsonl_frame(path: &str, mut bytes: Vec<u8>) -> Result<DataFrame, InputErr
 
 /// Reads all of `path` (`-` is JSONL on stdin).
 pub fn read(path: &str) -> Result<Table, InputError> {
-    let err = |m: String| InputError::new(path, None, m);
-    let (frame, meta_attrs) = match Format::of(path) {
+    read_files(&[InputFile::local(path)])
+}
+
+/// Reads all of `files` into one table, in order; their columns must agree. The attribute names are
+/// the first file's.
+pub fn read_files(files: &[InputFile]) -> Result<Table, InputError> {
+    let mut frames = Vec::with_capacity(files.len());
+    let mut attributes = None;
+    for (i, file) in files.iter().enumerate() {
+        let (frame, attrs) = read_one(file)?;
+        if i == 0 {
+            attributes = attrs;
+        }
+        frames.push((frame, file.label.as_str()));
+    }
+    Ok(Table::new(stack(frames)?, attributes))
+}
+
+/// Frames stacked in order; a frame whose columns differ from the first's is an error naming its file.
+pub fn stack(frames: Vec<(DataFrame, &str)>) -> Result<DataFrame, InputError> {
+    let mut frames = frames.into_iter();
+    let Some((mut all, mut first)) = frames.next() else {
+        return Ok(DataFrame::empty());
+    };
+    for (frame, label) in frames {
+        // An empty JSONL file has no columns: it adds no rows, and no columns to agree with.
+        if frame.width() == 0 {
+            continue;
+        }
+        if all.width() == 0 {
+            (all, first) = (frame, label);
+            continue;
+        }
+        all.vstack_mut(&frame).map_err(|e| {
+            InputError::new(
+                label,
+                None,
+                format!("its columns differ from {first}'s: {e}"),
+            )
+        })?;
+    }
+    Ok(all)
+}
+
+/// One file's frame and the attribute names its Parquet metadata holds.
+fn read_one(input: &InputFile) -> Result<(DataFrame, Option<Vec<String>>), InputError> {
+    let (path, label) = (input.path.as_str(), input.label.as_str());
+    let err = |m: String| InputError::new(label, None, m);
+    Ok(match Format::of(path) {
         Some(Format::Parquet) => {
             let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
             let mut reader = ParquetReader::new(file);
@@ -62,14 +114,13 @@ pub fn read(path: &str) -> Result<Table, InputError> {
                 .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
             (frame, attrs)
         }
-        Some(Format::Jsonl) => (jsonl_frame(path, read_bytes(path)?)?, None),
+        Some(Format::Jsonl) => (jsonl_frame(label, read_bytes_of(input)?)?, None),
         None => {
             return Err(err(
                 "unknown input format: expected .parquet, .jsonl or - (JSONL on stdin)".into(),
             ))
         }
-    };
-    Ok(Table::new(frame, meta_attrs))
+    })
 }
 
 impl Table {

@@ -8,9 +8,12 @@ use armorm::input::{PROMPT_COLUMN, RESPONSE_COLUMN};
 use armorm::output::Target;
 use armorm::{select, table};
 
+use super::inputs;
+
 #[derive(Args)]
 pub struct BestOfNArgs {
-    /// A file written by `armorm score` (.parquet or .jsonl); - reads JSONL from stdin.
+    /// A file written by `armorm score` (.parquet or .jsonl), or such files on the hub
+    /// (hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB]); - reads JSONL from stdin.
     #[arg(default_value = "-")]
     input: String,
     /// The column whose equal values make a group (the prompt).
@@ -30,7 +33,7 @@ pub struct BestOfNArgs {
 
 pub fn run(args: BestOfNArgs) -> Result<()> {
     let target = Target::parse(&args.output)?;
-    let t = table::read(&args.input)?;
+    let t = table::read_files(&inputs::resolve_one(&args.input, false)?)?;
     let label = armorm::input::label(&args.input);
     let frame = t.frame;
     let scores = table::f32_column(&frame, "score").map_err(|m| anyhow!("{label}: {m}"))?;

@@ -9,21 +9,28 @@ use polars::prelude::*;
 
 use armorm::chat::Message;
 use armorm::format::Format;
-use armorm::input::{self, InputError, Location, MemoryRow, PROMPT_COLUMN};
-use armorm::output::Target;
+use armorm::input::{self, InputError, InputFile, Location, MemoryRow, PROMPT_COLUMN};
+use armorm::output::{self, Target};
 use armorm::pairwise::{self, Summary};
 use armorm::table;
 
+use super::inputs;
 use super::score::Job;
 use super::{ModelArgs, Reading, RunArgs};
 
+/// RewardBench's filtered split, which rewardbench's CLI evaluates by default.
+pub const DEFAULT_INPUT: &str =
+    "hf://datasets/allenai/reward-bench@~parquet/default/filtered/*.parquet";
+
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Rows with prompt, chosen and rejected (strings or message lists), and optionally subset and id;
-    /// .jsonl, .parquet, or - for JSONL on stdin.
-    #[arg(default_value = "-")]
+    /// Rows with prompt, chosen and rejected (strings or message lists), and optionally subset and id:
+    /// .jsonl, .parquet, - for JSONL on stdin, or hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB];
+    /// by default RewardBench's filtered split.
+    #[arg(default_value = DEFAULT_INPUT)]
     input: String,
-    /// Per-pair results: .parquet or .jsonl [default: INPUT's stem + .eval.parquet; none for stdin]
+    /// Per-pair results: .parquet or .jsonl [default: INPUT's stem + .eval.parquet, for a hub dataset
+    /// NAME.eval.parquet in the current directory; none for stdin]
     #[arg(short, long)]
     output: Option<String>,
     /// Also write the summary as JSON here.
@@ -43,66 +50,27 @@ pub struct EvalArgs {
     run: RunArgs,
 }
 
+/// The chosen and the rejected conversation of a pair.
+type Pair = (Vec<Message>, Vec<Message>);
+
+/// A file's rows, each row's pair, and where each pair is (for errors about its conversations).
+struct Pairs {
+    frame: DataFrame,
+    pairs: Vec<Pair>,
+    places: Vec<Location>,
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
     let label = input::label(&args.input);
-    // Anything but Parquet is read as JSONL here, whatever its extension.
-    let parquet = Format::of(&args.input) == Some(Format::Parquet);
-    let file = label.to_string();
-    let place = |i: usize| match parquet {
-        true => Location::Row {
-            file: file.clone(),
-            row: i + 1,
-        },
-        false => Location::Line {
-            file: file.clone(),
-            line: i + 1,
-        },
-    };
-    let locate =
-        |i: usize, f: Option<String>, m: String| InputError::new(place(i), f.as_deref(), m);
-    // Each pair's row or line, for errors about its conversations.
-    let mut places = Vec::new();
-    let (frame, pairs) = if parquet {
-        let frame = table::read(&args.input)?.frame;
-        places.extend((0..frame.height()).map(place));
-        let pairs = (0..frame.height())
-            .map(|i| {
-                pairwise::pair_conversations(
-                    &frame,
-                    i,
-                    &args.prompt_column,
-                    &args.chosen_column,
-                    &args.rejected_column,
-                )
-                .map_err(|e| locate(i, e.field, e.message))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        (frame, pairs)
-    } else {
-        // JSON rows one by one: a field may be a string on one line and a message list on the next.
-        let bytes = table::read_bytes(&args.input)?;
-        let text =
-            std::str::from_utf8(&bytes).map_err(|e| anyhow!("{label}: not valid UTF-8: {e}"))?;
-        let mut pairs = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| locate(i, None, format!("malformed JSON: {e}")))?;
-            pairs.push(
-                pairwise::pair_conversations_json(
-                    &v,
-                    &args.prompt_column,
-                    &args.chosen_column,
-                    &args.rejected_column,
-                )
-                .map_err(|e| locate(i, e.field, e.message))?,
-            );
-            places.push(place(i));
-        }
-        (table::jsonl_frame(label, bytes)?, pairs)
-    };
+    let files = inputs::resolve_one(&args.input, args.run.quiet)?;
+    let (mut frames, mut pairs, mut places) = (Vec::new(), Vec::new(), Vec::new());
+    for file in &files {
+        let read = read_pairs(file, &args)?;
+        frames.push((read.frame, file.label.as_str()));
+        pairs.extend(read.pairs);
+        places.extend(read.places);
+    }
+    let frame = table::stack(frames)?;
     // Each distinct conversation is scored once: shared prompts and identical answers cost nothing twice.
     // Each is named in errors by the first pair that has it.
     let mut unique: Vec<MemoryRow> = Vec::new();
@@ -167,6 +135,67 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 }
 
+/// One file's pairs: Parquet by columns, anything else as JSONL, line by line.
+fn read_pairs(file: &InputFile, args: &EvalArgs) -> Result<Pairs> {
+    // Anything but Parquet is read as JSONL here, whatever its extension.
+    let parquet = Format::of(&file.path) == Some(Format::Parquet);
+    let name = file.label.clone();
+    let place = |i: usize| match parquet {
+        true => Location::Row {
+            file: name.clone(),
+            row: i + 1,
+        },
+        false => Location::Line {
+            file: name.clone(),
+            line: i + 1,
+        },
+    };
+    let locate =
+        |i: usize, f: Option<String>, m: String| InputError::new(place(i), f.as_deref(), m);
+    let columns = (
+        args.prompt_column.as_str(),
+        args.chosen_column.as_str(),
+        args.rejected_column.as_str(),
+    );
+    if parquet {
+        let frame = table::read_files(std::slice::from_ref(file))?.frame;
+        let pairs = (0..frame.height())
+            .map(|i| {
+                pairwise::pair_conversations(&frame, i, columns.0, columns.1, columns.2)
+                    .map_err(|e| locate(i, e.field, e.message))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let places = (0..frame.height()).map(place).collect();
+        return Ok(Pairs {
+            frame,
+            pairs,
+            places,
+        });
+    }
+    // JSON rows one by one: a field may be a string on one line and a message list on the next.
+    let bytes = table::read_bytes_of(file)?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| anyhow!("{}: not valid UTF-8: {e}", file.label))?;
+    let (mut pairs, mut places) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| locate(i, None, format!("malformed JSON: {e}")))?;
+        pairs.push(
+            pairwise::pair_conversations_json(&v, columns.0, columns.1, columns.2)
+                .map_err(|e| locate(i, e.field, e.message))?,
+        );
+        places.push(place(i));
+    }
+    Ok(Pairs {
+        frame: table::jsonl_frame(&file.label, bytes)?,
+        pairs,
+        places,
+    })
+}
+
 /// Σ rewards · coefficients, in f64: both sides of a pair go through the same arithmetic.
 fn dot(r: &[f32], c: &[f32]) -> f32 {
     r.iter()
@@ -194,13 +223,8 @@ fn output_target(args: &EvalArgs) -> Result<Option<Target>> {
         (Some(o), _) => Some(Target::parse(o)?),
         (None, "-") => None,
         (None, input) => {
-            let p = std::path::Path::new(input);
-            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("eval");
-            Some(Target::parse(
-                &p.with_file_name(format!("{stem}.eval.parquet"))
-                    .display()
-                    .to_string(),
-            )?)
+            let path = output::with_suffix(&input::output_stem(input), ".eval.parquet");
+            Some(Target::parse(&path.display().to_string())?)
         }
     })
 }

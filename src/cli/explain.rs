@@ -12,6 +12,7 @@ use armorm::output::Target;
 use armorm::pipeline::{InputSource, Opener};
 use armorm::table::{self, Table};
 
+use super::inputs;
 use super::score::Job;
 use super::{ColumnArgs, ModelArgs, RunArgs};
 
@@ -25,7 +26,7 @@ enum Format {
 #[derive(Args)]
 pub struct ExplainArgs {
     /// A file scored by `armorm score` (no model is loaded), or raw prompt/response data (scored first);
-    /// - reads JSONL from stdin.
+    /// - reads JSONL from stdin; hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB] reads from the hub.
     #[arg(default_value = "-")]
     input: String,
     /// How many objectives to show per row.
@@ -77,23 +78,19 @@ pub fn run(args: ExplainArgs) -> Result<()> {
 fn scored_table(args: &ExplainArgs) -> Result<Table> {
     let job = Job::new(&args.model, args.columns.reading(), &args.run);
     // stdin can be read once: keep its bytes so that raw data can be scored after the look.
-    let (table, mut input) = if args.input == "-" {
+    let (table, input) = if args.input == "-" {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
         let table = Table::new(table::jsonl_frame(STDIN, bytes.clone())?, None);
         (table, vec![stdin_source(bytes.into(), &job)])
     } else {
-        (
-            table::read(&args.input)?,
-            job.openers(std::slice::from_ref(&args.input)),
-        )
+        let files = inputs::resolve_one(&args.input, args.run.quiet)?;
+        (table::read_files(&files)?, job.openers(&files))
     };
-    match input.pop() {
-        Some(input) if table.frame.column("coefficients").is_err() && table.frame.height() > 0 => {
-            Ok(Table::new(job.score_to_memory(input)?, None))
-        }
-        _ => Ok(table),
+    if table.frame.column("coefficients").is_err() && table.frame.height() > 0 {
+        return Ok(Table::new(job.score_to_memory(input)?, None));
     }
+    Ok(table)
 }
 
 /// stdin's bytes, read as a JSONL file is (columns read ahead), as `armorm score FILE` reads it.

@@ -6,9 +6,12 @@ use clap::Args;
 use armorm::output::Target;
 use armorm::{select, table};
 
+use super::inputs;
+
 #[derive(Args)]
 pub struct FilterArgs {
-    /// A file written by `armorm score` (.parquet or .jsonl); - reads JSONL from stdin.
+    /// A file written by `armorm score` (.parquet or .jsonl), or such files on the hub
+    /// (hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB]); - reads JSONL from stdin.
     #[arg(default_value = "-")]
     input: String,
     /// An SQL condition over the columns and the objectives by name, e.g.
@@ -37,7 +40,7 @@ pub fn run(args: FilterArgs) -> Result<()> {
         ));
     }
     let target = Target::parse(&args.output)?;
-    let t = table::read(&args.input)?;
+    let t = table::read_files(&inputs::resolve_one(&args.input, false)?)?;
     let label = armorm::input::label(&args.input);
     let mut frame = t.frame;
     if let Some(cond) = &args.condition {

@@ -4,6 +4,7 @@ mod best_of_n;
 mod eval;
 mod explain;
 mod filter;
+mod inputs;
 mod progress;
 pub mod score;
 pub mod verify;

@@ -3,14 +3,15 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, ValueEnum};
 
-use armorm::checkpoint::{self, input_fingerprint, Checkpoint, Earlier};
-use armorm::input::{self, MemoryRow, MemorySource};
+use armorm::checkpoint::{self, file_fingerprint, Checkpoint, Earlier};
+use armorm::input::{self, InputFile, MemoryRow, MemorySource};
 use armorm::output::{self, MemorySink, Sink, Target, TopK};
 use armorm::pipeline::{self, InputSource, Opener, Options, PipelineError, Policy};
 use armorm::provenance::Provenance;
 use armorm::shard::Shard;
 use polars::prelude::DataFrame;
 
+use super::inputs;
 use super::progress::Progress;
 use super::{ColumnArgs, Loaded, ModelArgs, Reading, RunArgs};
 
@@ -36,10 +37,12 @@ pub struct RowsSkipped(pub usize);
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// JSONL (.jsonl, .ndjson) or Parquet files, scored in order as one dataset; - reads JSONL from stdin.
+    /// JSONL (.jsonl, .ndjson) or Parquet files, scored in order as one dataset; - reads JSONL from stdin;
+    /// hf://datasets/OWNER/NAME[@REVISION][/PATH_OR_GLOB] reads a dataset from the Hugging Face hub.
     #[arg(required = true)]
     inputs: Vec<String>,
-    /// .parquet or .jsonl, or - for JSONL on stdout [default: FIRST_INPUT's stem + .scores.parquet]
+    /// .parquet or .jsonl, or - for JSONL on stdout [default: FIRST_INPUT's stem + .scores.parquet;
+    /// for a hub dataset, NAME.scores.parquet in the current directory]
     #[arg(short, long)]
     output: Option<String>,
     /// Rows read, tokenized, sorted by length and written together (one Parquet row group each):
@@ -90,12 +93,19 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         ),
         Some(spec) => Some(Shard::parse(spec).map_err(|m| anyhow!(m))?),
     };
-    let target = match (&args.output, shard) {
-        (Some(o), None) => Target::parse(o)?,
-        (None, None) => Target::default_for(&args.inputs[0]),
-        (o, Some(s)) => shard_target(o.as_deref(), &args.inputs[0], s)?,
+    // A bad -o is refused before any download; the shard folder is created after, so that a dataset
+    // that cannot be found leaves nothing behind.
+    let single = match &args.output {
+        Some(o) if shard.is_none() => Some(Target::parse(o)?),
+        _ => None,
     };
-    refuse_input_as_output(&target, &args.inputs)?;
+    let files = inputs::resolve(&args.inputs, args.run.quiet)?;
+    let target = match (single, shard) {
+        (Some(t), _) => t,
+        (None, None) => Target::default_for(&args.inputs[0]),
+        (None, Some(s)) => shard_target(args.output.as_deref(), &args.inputs[0], s)?,
+    };
+    refuse_input_as_output(&target, &files)?;
     let job = Job {
         window_rows: args.window_rows as usize,
         top_k: args.top_k,
@@ -111,7 +121,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         },
         ..Job::new(&args.model, args.columns.reading(), &args.run)
     };
-    job.score_files(&args.inputs, &target)
+    job.score_files(&files, &target)
         .map_err(|e| resumable(e, &target))
 }
 
@@ -125,17 +135,18 @@ fn resumable(e: anyhow::Error, target: &Target) -> anyhow::Error {
 }
 
 /// Writing over an input would destroy it while it is read (and before `--resume` can re-read it).
-fn refuse_input_as_output(target: &Target, inputs: &[String]) -> Result<()> {
+fn refuse_input_as_output(target: &Target, inputs: &[InputFile]) -> Result<()> {
     let Some(out) = target.path.as_deref().and_then(canonical) else {
         return Ok(());
     };
     match inputs
         .iter()
-        .find(|i| *i != "-" && canonical(std::path::Path::new(i)).as_ref() == Some(&out))
+        .find(|i| i.path != "-" && canonical(std::path::Path::new(&i.path)).as_ref() == Some(&out))
     {
         Some(input) => Err(anyhow!(
-            "{}: the output is the input {input}; choose another -o",
-            out.display()
+            "{}: the output is the input {}; choose another -o",
+            out.display(),
+            input.label
         )),
         None => Ok(()),
     }
@@ -154,17 +165,14 @@ fn canonical(path: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
-/// OUTPUT/part-K-of-N.parquet, OUTPUT defaulting to the first input's stem + `.scores`; the directory is
-/// created, since N processes on N machines share it.
+/// OUTPUT/part-K-of-N.parquet, OUTPUT defaulting to the first input's stem + `.scores` (a hub
+/// dataset's NAME.scores in the current directory); the directory is created, since N processes on N
+/// machines share it.
 fn shard_target(dir: Option<&str>, first_input: &str, shard: Shard) -> Result<Target> {
     let dir = match dir {
         Some("-") => return Err(anyhow!("--shard writes files: give -o DIRECTORY")),
         Some(d) => std::path::PathBuf::from(d),
-        None => {
-            let p = std::path::Path::new(first_input);
-            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
-            p.with_file_name(format!("{stem}.scores"))
-        }
+        None => output::with_suffix(&input::output_stem(first_input), ".scores"),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(Target::parse(
@@ -201,10 +209,10 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// `inputs` (paths, or `-`) scored into `target`.
-    pub fn score_files(&self, inputs: &[String], target: &Target) -> Result<()> {
+    /// `inputs` (files, or `-`) scored into `target`.
+    pub fn score_files(&self, inputs: &[InputFile], target: &Target) -> Result<()> {
         let resume = self.earlier == Earlier::Resume;
-        if resume && inputs.iter().any(|i| i == "-") {
+        if resume && inputs.iter().any(|i| i.path == "-") {
             return Err(anyhow!(
                 "--resume cannot check that stdin holds the same rows as the interrupted run: save \
                  the input to a file and score that"
@@ -239,7 +247,7 @@ impl<'a> Job<'a> {
 
     /// `rows` scored in this process: the input's frames with the score columns, in order.
     pub fn score_rows(&self, name: &str, rows: Vec<MemoryRow>) -> Result<DataFrame> {
-        self.score_to_memory(self.memory_input(name, rows))
+        self.score_to_memory(vec![self.memory_input(name, rows)])
     }
 
     /// `rows` scored in this process under a policy that keeps bad rows (`skip_bad`): all of them, with
@@ -251,7 +259,7 @@ impl<'a> Job<'a> {
         rows: Vec<MemoryRow>,
     ) -> Result<(DataFrame, Provenance)> {
         let sink = MemorySink::default();
-        let (loaded, scored) = self.score_into(self.memory_input(name, rows), &sink)?;
+        let (loaded, scored) = self.score_into(vec![self.memory_input(name, rows)], &sink)?;
         match scored {
             Err(e) if !e.is::<RowsSkipped>() => Err(e),
             _ => Ok((sink.frame()?, loaded.provenance)),
@@ -268,19 +276,23 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// One input scored in this process, its frames kept instead of written.
-    pub fn score_to_memory(&self, input: InputSource) -> Result<DataFrame> {
+    /// Inputs scored in this process, their frames kept instead of written.
+    pub fn score_to_memory(&self, inputs: Vec<InputSource>) -> Result<DataFrame> {
         let sink = MemorySink::default();
-        self.score_into(input, &sink)?.1?;
+        self.score_into(inputs, &sink)?.1?;
         Ok(sink.frame()?)
     }
 
-    /// One input scored into `sink`: the model loaded (an error if it could not be), and how the
+    /// Inputs scored into `sink`: the model loaded (an error if it could not be), and how the
     /// scoring ended.
-    fn score_into(&self, input: InputSource, sink: &MemorySink) -> Result<(Loaded, Result<()>)> {
+    fn score_into(
+        &self,
+        inputs: Vec<InputSource>,
+        sink: &MemorySink,
+    ) -> Result<(Loaded, Result<()>)> {
         let (_signals, _, loaded) = self.load()?;
         let progress = Progress::new(self.run.quiet, true);
-        let scored = self.score(&loaded, vec![input], Box::new(sink.clone()), 0, &progress);
+        let scored = self.score(&loaded, inputs, Box::new(sink.clone()), 0, &progress);
         Ok((loaded, scored))
     }
 
@@ -335,7 +347,7 @@ impl<'a> Job<'a> {
     /// must match the interrupted one on all of it.
     fn fingerprint(
         &self,
-        inputs: &[String],
+        inputs: &[InputFile],
         loaded: &Loaded,
         devices: &[candle_core::Device],
     ) -> serde_json::Value {
@@ -359,7 +371,7 @@ impl<'a> Job<'a> {
             "template_hash": loaded.provenance.template_hash,
             "dtype": format!("{:?}", loaded.dtype),
             "device": kinds,
-            "inputs": inputs.iter().map(|p| input_fingerprint(p)).collect::<Vec<_>>(),
+            "inputs": inputs.iter().map(file_fingerprint).collect::<Vec<_>>(),
             "columns": [&self.reading.names.prompt, &self.reading.names.response, &self.reading.names.messages],
             "max_line_bytes": self.reading.max_line_bytes,
             "rename_input_columns": self.reading.rename_input_columns,
@@ -377,24 +389,24 @@ impl<'a> Job<'a> {
     }
 
     /// Each input's opener, with its share of the total size for progress.
-    pub fn openers(&self, inputs: &[String]) -> Vec<InputSource> {
-        let sizes: Vec<Option<u64>> = inputs.iter().map(|p| file_size(p)).collect();
+    pub fn openers(&self, inputs: &[InputFile]) -> Vec<InputSource> {
+        let sizes: Vec<Option<u64>> = inputs.iter().map(|f| file_size(&f.path)).collect();
         let total: u64 = sizes.iter().flatten().sum();
         inputs
             .iter()
             .zip(sizes)
-            .map(|(path, size)| {
+            .map(|(file, size)| {
                 let share = match (size, total) {
                     (Some(s), t) if t > 0 => s as f64 / t as f64,
                     _ => 0.0,
                 };
-                let (p, names, window) =
-                    (path.clone(), self.reading.names.clone(), self.window_rows);
+                let (f, names, window) =
+                    (file.clone(), self.reading.names.clone(), self.window_rows);
                 let (skip, max_line) = (self.policy.skip_bad, self.reading.max_line_bytes);
                 let open: Opener =
-                    Box::new(move || input::open(&p, &names, window, skip, max_line));
+                    Box::new(move || input::open_as(&f, &names, window, skip, max_line));
                 InputSource {
-                    name: path.clone(),
+                    name: file.label.clone(),
                     share,
                     open,
                 }
@@ -410,8 +422,8 @@ fn file_size(path: &str) -> Option<u64> {
 }
 
 /// Known only when no input is stdin.
-fn total_size(inputs: &[String]) -> bool {
-    inputs.iter().all(|p| file_size(p).is_some())
+fn total_size(inputs: &[InputFile]) -> bool {
+    inputs.iter().all(|f| file_size(&f.path).is_some())
 }
 
 /// Parquet key-value metadata: what the numbers mean and where they came from (see

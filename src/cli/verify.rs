@@ -197,6 +197,8 @@ fn model_args(args: &VerifyArgs, recorded: &Provenance) -> Result<ModelArgs> {
         device: Some(args.device.clone()),
         dtype: args.dtype.clone(),
         max_batch_tokens: args.max_batch_tokens,
+        // Results do not depend on it (tests/integration/sharing.rs).
+        prefix_sharing: "auto".into(),
         max_length: args.max_length.or(recorded_length),
         // The file was scored at that length already: re-scoring it reproduces, not extends, it.
         allow_beyond_max_positions: args.allow_beyond_max_positions

@@ -68,18 +68,19 @@ impl<R: BufRead> JsonlSource<R> {
 }
 
 impl JsonlSource<BufReader<File>> {
-    /// A JSONL file, with its columns read ahead and its size known for progress.
+    /// A JSONL file (at `path`, named `label` in errors), with its columns read ahead and its size
+    /// known for progress.
     pub(super) fn open_file(
         file: File,
-        path: &str,
+        (path, label): (&str, &str),
         names: &ColumnNames,
         chunk_rows: usize,
         max_line_bytes: usize,
     ) -> Result<Self, InputError> {
         let size = file.metadata().map(|m| m.len()).ok();
         let probe = File::open(path)
-            .map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
-        Self::new(BufReader::new(file), path, names, chunk_rows).read_ahead(
+            .map_err(|e| InputError::new(label, None, format!("cannot open: {e}")))?;
+        Self::new(BufReader::new(file), label, names, chunk_rows).read_ahead(
             BufReader::new(probe),
             size,
             max_line_bytes,

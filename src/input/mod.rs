@@ -13,6 +13,7 @@ mod parquet;
 use std::fmt;
 use std::fs::File;
 use std::io::BufReader;
+use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
@@ -35,6 +36,40 @@ pub fn label(path: &str) -> &str {
     } else {
         path
     }
+}
+
+/// One input file as a run reads it: where its bytes are, and how errors and checkpoints name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    /// A local path, or `-` for stdin.
+    pub path: String,
+    /// How errors name it: the path, `<stdin>`, or a hub file's name with its revision and commit.
+    pub label: String,
+    /// A hub file's name at its resolved commit (`hf://datasets/OWNER/NAME@SHA/PATH`): what a resumed
+    /// run must match, wherever the cache is.
+    pub pinned: Option<String>,
+}
+
+impl InputFile {
+    /// A local path (or `-`), named as given.
+    pub fn local(path: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            label: label(path).to_string(),
+            pinned: None,
+        }
+    }
+}
+
+/// What outputs named after `input` start from: a local file's path without its extension, beside it
+/// (`data/x` for `data/x.jsonl`); a hub dataset's NAME, in the current directory.
+pub fn output_stem(input: &str) -> PathBuf {
+    if let Ok(url) = crate::hub::DatasetUrl::parse(input) {
+        return PathBuf::from(url.name());
+    }
+    let p = Path::new(input);
+    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    p.with_file_name(stem)
 }
 
 /// The default columns of a conversation: `--prompt-column`, `--response-column`, `--messages-column`.
@@ -170,6 +205,24 @@ pub fn open(
     skip_bad: bool,
     max_line_bytes: usize,
 ) -> Result<Box<dyn ChunkSource + Send>, InputError> {
+    open_as(
+        &InputFile::local(path),
+        names,
+        chunk_rows,
+        skip_bad,
+        max_line_bytes,
+    )
+}
+
+/// `open`, for a file named in errors by its label (a hub file by its hub name).
+pub fn open_as(
+    input: &InputFile,
+    names: &ColumnNames,
+    chunk_rows: usize,
+    skip_bad: bool,
+    max_line_bytes: usize,
+) -> Result<Box<dyn ChunkSource + Send>, InputError> {
+    let (path, label) = (input.path.as_str(), input.label.as_str());
     if path == "-" {
         let stdin = BufReader::new(std::io::stdin());
         let mut source = JsonlSource::new(stdin, STDIN, names, chunk_rows);
@@ -178,20 +231,21 @@ pub fn open(
         return Ok(Box::new(source));
     }
     let file =
-        File::open(path).map_err(|e| InputError::new(path, None, format!("cannot open: {e}")))?;
+        File::open(path).map_err(|e| InputError::new(label, None, format!("cannot open: {e}")))?;
     match Format::of(path) {
         Some(Format::Jsonl) => {
-            let mut source = JsonlSource::open_file(file, path, names, chunk_rows, max_line_bytes)?;
+            let mut source =
+                JsonlSource::open_file(file, (path, label), names, chunk_rows, max_line_bytes)?;
             source.skip_bad = skip_bad;
             Ok(Box::new(source))
         }
         Some(Format::Parquet) => {
-            let mut source = ParquetSource::new(file, path, names, chunk_rows)?;
+            let mut source = ParquetSource::new(file, label, names, chunk_rows)?;
             source.skip_bad = skip_bad;
             Ok(Box::new(source))
         }
         None => Err(InputError::new(
-            path,
+            label,
             None,
             "unknown input format: expected .jsonl, .ndjson or .parquet (or - for JSONL on stdin)",
         )),

@@ -6,6 +6,7 @@ mod common;
 mod errors;
 mod formats;
 mod fuzz;
+mod hub;
 mod in_process;
 mod input_checks;
 mod memory;
