@@ -14,7 +14,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
            compared against the fastest;
-  best-of-8 (opt-in, --best-of-8) 64 prompts with 8 responses each, for prefix sharing (issue 12).
+  best-of-8 (opt-in, --best-of-8) 64 prompts of ~500 tokens with 8 answers of ~150 each, rows shuffled
+           (the set of scripts/bench.py): armorm with prefix sharing (issue 12) against armorm with
+           --prefix-sharing off (goal >= 2.5x) and transformers' sorted batches; scores compared.
 
 Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
 version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
@@ -154,14 +156,17 @@ def make_long_dataset(path: Path, rows: int, seed: int = 2):
 
 
 def make_best_of_n_dataset(path: Path, prompts: int, n: int = 8, seed: int = 3):
-    """`prompts` long prompts, each with `n` short responses: the case prefix sharing is for."""
+    """`prompts` prompts of ~500 tokens, each with `n` answers of ~150, rows shuffled: the case prefix
+    sharing is for, as scripts/bench.py's best-of-8 set."""
     rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(prompts):
+        prompt = words(rng, int(rng.integers(420, 641))) + "?"
+        for k in range(n):
+            rows.append({"id": f"b{p}_{k}", "prompt": prompt, "response": words(rng, int(rng.integers(90, 191))) + "."})
     with path.open("w") as f:
-        for p in range(prompts):
-            prompt = words(rng, int(rng.integers(600, 1400))) + "?"
-            for k in range(n):
-                f.write(json.dumps({"id": f"b{p}_{k}", "prompt": prompt,
-                                    "response": words(rng, int(rng.integers(80, 400))) + "."}) + "\n")
+        for i in rng.permutation(len(rows)):
+            f.write(json.dumps(rows[i]) + "\n")
 
 
 def read_rows(path: Path):
@@ -278,11 +283,11 @@ class Armorm:
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
 
-    def run(self, data: Path, dtype, env=None, sample_gpu=False):
+    def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=()):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
             cmd = [self.binary, "score", str(data), "--model", str(self.model_dir), "-o", str(out),
-                   "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget)]
+                   "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget), *extra]
             full_env = {**os.environ, "CUDA_CACHE_PATH": str(self.cache),
                         "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
             sampler = GpuSampler() if sample_gpu else None
@@ -430,11 +435,11 @@ class Check:
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
 
-    def armorm_case(self, case):
-        r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda")
-        log(f"armorm bf16 {case}: {r['summary']} (wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
-        self.res.setdefault("armorm", {})[case] = {k: r[k] for k in ("seconds", "wall", "summary", "gpu")}
-        self.res["armorm"][case]["scores"] = r["scores"]
+    def armorm_case(self, case, label=None, extra=()):
+        r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra)
+        log(f"armorm bf16 {case} {' '.join(extra)}: {r['summary']} (wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
+        self.res.setdefault(label or "armorm", {})[case] = {k: r[k] for k in ("seconds", "wall", "summary", "gpu")}
+        self.res[label or "armorm"][case]["scores"] = r["scores"]
 
     def profile(self):
         a = self.args
@@ -536,6 +541,8 @@ class Check:
             self.timed("profile", self.profile)
         if self.on("best-of-8"):
             self.timed("armorm best-of-8", lambda: self.armorm_case("best-of-8"))
+            self.timed("armorm best-of-8 unshared", lambda: self.armorm_case(
+                "best-of-8", "armorm_unshared", ("--prefix-sharing", "off")))
         parity = self.on("parity")
         if parity:
             self.timed("armorm f32", self.armorm_f32)
@@ -589,6 +596,13 @@ class Check:
             rows = []
             if arm:
                 rows.append((f"armorm bf16 (budget {self.args.max_batch_tokens})", arm["seconds"]))
+            off = res.get("armorm_unshared", {}).get(case)
+            if arm and off:
+                rows.append(("armorm bf16 --prefix-sharing off", off["seconds"]))
+                goals.append((f"{case}: armorm sharing / armorm unshared >= 2.5x",
+                              f"{off['seconds'] / arm['seconds']:.2f}x", off["seconds"] / arm["seconds"] >= 2.5))
+                diff = max(abs(arm["scores"][i] - off["scores"][i]) for i in arm["scores"])
+                p(f"{case:10} armorm sharing vs unshared (bf16): max |score diff| {diff:.2e}")
             for bs, s in (tf or {}).get("runs", {}).items():
                 rows.append((f"transformers bf16 sdpa, sorted x{bs}", s))
             for label, s in rows:
