@@ -39,6 +39,7 @@ pub mod output;
 pub mod pairwise;
 pub mod parquet_out;
 pub mod pipeline;
+pub mod rescore;
 pub mod scorer;
 pub mod select;
 pub mod shard;
