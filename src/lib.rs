@@ -33,6 +33,7 @@ pub mod encoder;
 pub mod explain;
 pub mod format;
 pub mod input;
+pub mod lists;
 pub mod loader;
 pub mod model;
 pub mod output;

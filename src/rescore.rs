@@ -9,6 +9,8 @@ use std::str::FromStr;
 use polars::prelude::*;
 use serde_json::{json, Map, Value};
 
+use crate::lists::{check_lists, objective, to_list, ListError, TopK};
+
 /// The original score and coefficients, kept beside the new ones by the first rescore.
 pub const ORIGINAL_SCORE: &str = "score_original";
 pub const ORIGINAL_COEFFICIENTS: &str = "coefficients_original";
@@ -93,6 +95,8 @@ pub enum RescoreError {
     Repeated { flag: &'static str, name: String },
     #[error("{0}")]
     Table(String),
+    #[error(transparent)]
+    List(#[from] ListError),
     #[error("{0}")]
     Polars(#[from] PolarsError),
 }
@@ -225,9 +229,12 @@ pub fn rescore(
                 Some(w) => lit(w[i]),
                 None => objective(col("coefficients"), i),
             };
-            (base * lit(rule.factors[i]))
-                .cast(DataType::Float32)
-                .cast(DataType::Float64)
+            // A dropped objective is 0, not −0 for the negative coefficients.
+            let c = match rule.factors[i] {
+                0.0 => lit(0.0),
+                f => base * lit(f),
+            };
+            c.cast(DataType::Float32).cast(DataType::Float64)
         })
         .collect();
     let terms: Vec<Expr> = coefficients
@@ -239,12 +246,7 @@ pub fn rescore(
         .into_iter()
         .reduce(|a, b| a + b)
         .unwrap_or_else(|| lit(0.0));
-    let list = concat_list(
-        coefficients
-            .iter()
-            .map(|c| c.clone().cast(DataType::Float32))
-            .collect::<Vec<_>>(),
-    )?;
+    let list = to_list(coefficients, DataType::Float32)?;
     let mut lf = frame.lazy();
     if !rescored {
         lf = lf.with_columns([
@@ -270,47 +272,6 @@ pub fn rescore(
     Ok(out)
 }
 
-/// Objective `i` of a list column, as f64 (null when the list is).
-pub fn objective(list: Expr, i: usize) -> Expr {
-    list.list().get(lit(i as i64), true).cast(DataType::Float64)
-}
-
-/// `name` must be a list column whose non-null rows hold `n` values; the error names the first row
-/// that does not.
-pub fn check_lists(frame: &DataFrame, name: &str, n: usize) -> Result<(), RescoreError> {
-    let column = frame
-        .column(name)
-        .map_err(|_| RescoreError::Table(format!("no `{name}` column: run armorm score first")))?;
-    let DataType::List(inner) = column.dtype() else {
-        return Err(RescoreError::Table(format!(
-            "`{name}` must be a list of floats, got {}",
-            column.dtype()
-        )));
-    };
-    if !inner.is_primitive_numeric() && !inner.is_null() {
-        return Err(RescoreError::Table(format!(
-            "`{name}` must be a list of floats, got {}",
-            column.dtype()
-        )));
-    }
-    let bad = frame
-        .clone()
-        .lazy()
-        .select([col(name).list().len().alias("len")])
-        .with_row_index("row", Some(1))
-        .filter(col("len").neq(lit(n as IdxSize)))
-        .limit(1)
-        .collect()?;
-    if bad.height() > 0 {
-        let row = bad.column("row")?.get(0)?;
-        let len = bad.column("len")?.get(0)?;
-        return Err(RescoreError::Table(format!(
-            "row {row}: `{name}` has {len} values where the file names {n} objectives"
-        )));
-    }
-    Ok(())
-}
-
 /// `top_attributes`/`top_coefficients` again, from the current `coefficients`: the K largest
 /// |coefficient| (K as the file had it), largest first, equal magnitudes in model order, as
 /// `armorm score --top-k` writes them.
@@ -321,27 +282,35 @@ fn top_columns(frame: DataFrame, attributes: &[String]) -> Result<DataFrame, Res
         .lst_lengths()
         .max()
         .unwrap_or(0) as usize;
+    let magnitudes = (0..attributes.len())
+        .map(|i| objective(col("coefficients"), i).abs())
+        .collect();
+    let (lf, top) = TopK::add(frame.lazy(), magnitudes, k, "__armorm_top_");
     let names = Series::new(
         "".into(),
         attributes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
     );
-    let by_magnitude = SortMultipleOptions::default()
-        .with_order_descending(true)
-        .with_maintain_order(true);
-    let top = |values: Expr| {
-        col("coefficients").list().eval(
-            values
-                .sort_by([element().abs()], by_magnitude.clone())
-                .head(Some(k)),
-        )
+    let scored = col("coefficients").is_not_null();
+    let or_null = |list: Expr, dtype: DataType| {
+        when(scored.clone())
+            .then(list)
+            .otherwise(lit(NULL).cast(DataType::List(Box::new(dtype))))
     };
-    Ok(frame
-        .lazy()
-        .with_columns([
-            top(lit(names)).alias("top_attributes"),
-            top(element()).alias("top_coefficients"),
-        ])
-        .collect()?)
+    let top_names = top.list(
+        |i| lit(names.clone()).gather(i, true),
+        DataType::String,
+        false,
+    )?;
+    let top_values = top.list(
+        |i| col("coefficients").list().get(i, true),
+        DataType::Float32,
+        false,
+    )?;
+    let lf = lf.with_columns([
+        or_null(top_names, DataType::String).alias("top_attributes"),
+        or_null(top_values, DataType::Float32).alias("top_coefficients"),
+    ]);
+    Ok(top.drop(lf).collect()?)
 }
 
 #[cfg(test)]

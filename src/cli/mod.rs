@@ -5,6 +5,7 @@ mod eval;
 mod explain;
 mod filter;
 mod progress;
+mod rescore;
 pub mod score;
 
 use anyhow::{Context, Result};
@@ -42,6 +43,9 @@ enum Command {
     /// Per prompt, keep the best-scored response, or emit DPO pairs (best vs worst).
     #[command(name = "best-of-n")]
     BestOfN(best_of_n::BestOfNArgs),
+    /// A new score from a scored file's stored rewards and coefficients, without the model: objectives
+    /// re-weighted (--weights), fixed coefficients (--coefficients fixed:...) or a subset (--objectives).
+    Rescore(rescore::RescoreArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Filter(args) => filter::run(args),
         Command::BestOfN(args) => best_of_n::run(args),
+        Command::Rescore(args) => rescore::run(args),
     }
 }
 
