@@ -14,6 +14,7 @@ mod non_finite;
 mod output_safety;
 mod parity;
 mod profile;
+mod rescore;
 mod resume;
 mod shards;
 mod tokens;
