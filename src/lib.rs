@@ -35,6 +35,7 @@ pub mod format;
 pub mod input;
 pub mod lists;
 pub mod loader;
+pub mod mining;
 pub mod model;
 pub mod output;
 pub mod pairwise;

@@ -9,6 +9,7 @@ mod fuzz;
 mod in_process;
 mod input_checks;
 mod memory;
+mod mining;
 mod model_config;
 mod non_finite;
 mod output_safety;
