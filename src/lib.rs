@@ -12,8 +12,10 @@
 //!   memory, rows to conversations), `output` (score columns, sinks: file, stdout, memory),
 //!   `checkpoint` (resumable part files), `parquet_out` (Parquet with classic Arrow types), `table`
 //!   (whole scored tables for the commands after scoring).
-//! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`
-//!   and `select` (filter, best-of-n).
+//! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`,
+//!   `select` (filter, best-of-n), `mining` (best-of-n's pairs with per-objective margins and
+//!   filters) and `rescore` (new scores from stored outputs), the last two on `lists` (polars
+//!   expressions over the per-objective list columns).
 //!
 //! To add an input format: `format.rs` (its extensions), a reader in `input/` and its arm in
 //! `input::open`; `table::read` if the commands after scoring should read it too. To add an output
