@@ -80,9 +80,19 @@ pub fn mine(
         DataType::String,
         true,
     )?;
+    // A side without scores (kept under --on-error skip) has no shares either.
+    let scored = col(REWARDS_CHOSEN)
+        .is_not_null()
+        .and(col(REWARDS_REJECTED).is_not_null())
+        .and(col(COEFFICIENTS_CHOSEN).is_not_null());
+    let or_null = |list: Expr, dtype: DataType| {
+        when(scored.clone())
+            .then(list)
+            .otherwise(lit(NULL).cast(DataType::List(Box::new(dtype))))
+    };
     let lf = lf.with_columns([
-        to_list(terms, DataType::Float32)?.alias("margin_by_objective"),
-        top_names.alias("top_margin_attributes"),
+        or_null(to_list(terms, DataType::Float32)?, DataType::Float32).alias("margin_by_objective"),
+        or_null(top_names, DataType::String).alias("top_margin_attributes"),
     ]);
     let mut frame = top.drop(lf).collect()?;
     let mut dropped = Vec::new();
@@ -284,6 +294,30 @@ mod tests {
             ..Filters::default()
         });
         assert_eq!(kept, ["p"]);
+    }
+
+    #[test]
+    fn a_side_without_scores_has_no_shares() {
+        let mut df = pairs();
+        let mut b = ListPrimitiveChunkedBuilder::<Float32Type>::new(
+            REWARDS_REJECTED.into(),
+            2,
+            3,
+            DataType::Float32,
+        );
+        b.append_null();
+        b.append_slice(&[0.0, 0.0, 1.0]);
+        df.with_column(b.finish().into_series().into_column())
+            .unwrap();
+        let out = mine(df, &attrs(), 2, &Filters::default()).unwrap().frame;
+        for name in ["margin_by_objective", "top_margin_attributes"] {
+            let c = out.column(name).unwrap();
+            assert_eq!(
+                (c.null_count(), c.get(1).unwrap().is_null()),
+                (1, false),
+                "{name}"
+            );
+        }
     }
 
     #[test]
