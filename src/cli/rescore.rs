@@ -59,7 +59,10 @@ pub fn run(args: RescoreArgs) -> Result<()> {
         inputs
             .metadata
             .into_iter()
-            .filter(|(k, _)| k != "armorm.attributes" && k != METADATA_KEY),
+            // Other tools' metadata (pandas, datasets) describes columns that have changed.
+            .filter(|(k, _)| {
+                k.starts_with("armorm.") && k != "armorm.attributes" && k != METADATA_KEY
+            }),
     );
     let history = rescore::history(inputs.history.as_deref(), &rule)
         .map_err(|m| anyhow!("{}: {m}", args.inputs[0]))?;
@@ -71,7 +74,8 @@ pub fn run(args: RescoreArgs) -> Result<()> {
 struct Inputs {
     frame: DataFrame,
     attributes: Vec<String>,
-    /// Key-value metadata that every Parquet input has with the same value.
+    /// Key-value metadata that every Parquet input has with the same value (all of it; only the
+    /// `armorm.*` keys are written).
     metadata: Vec<(String, String)>,
     /// The inputs' `armorm.rescore`, when they were rescored before.
     history: Option<String>,
@@ -99,22 +103,24 @@ fn read_inputs(paths: &[String]) -> Result<Inputs> {
                 inputs.attributes.join(",")
             ));
         }
+        // Before the columns: a rescored file and a plain one differ in both, and the history says why.
+        if let Some(meta) = t.metadata {
+            parquet = Some(match parquet {
+                None => (label, meta),
+                Some((earlier, kept)) => {
+                    if value(&kept, METADATA_KEY) != value(&meta, METADATA_KEY) {
+                        return Err(anyhow!(
+                            "{label}: rescored differently from {earlier} ({METADATA_KEY} \
+                             differs); rescore them separately"
+                        ));
+                    }
+                    (earlier, agreed(kept, &meta, label))
+                }
+            });
+        }
         let frame = output::conform(t.frame, inputs.frame.schema().as_ref())
             .map_err(|m| anyhow!("{label}: {m}"))?;
         inputs.frame.vstack_mut(&frame)?;
-        let Some(meta) = t.metadata else { continue };
-        parquet = Some(match parquet {
-            None => (label, meta),
-            Some((earlier, kept)) => {
-                if value(&kept, METADATA_KEY) != value(&meta, METADATA_KEY) {
-                    return Err(anyhow!(
-                        "{label}: rescored differently from {earlier} ({METADATA_KEY} differs); \
-                         rescore them separately"
-                    ));
-                }
-                (earlier, agreed(kept, &meta, label))
-            }
-        });
     }
     if let Some((_, meta)) = parquet {
         inputs.history = value(&meta, METADATA_KEY).map(str::to_string);
@@ -164,7 +170,10 @@ fn agreed(
         .filter(|(k, v)| {
             let same = other.iter().any(|(k2, v2)| k2 == k && v2 == v);
             if !same && k.starts_with("armorm.") {
-                eprintln!("armorm: {label} differs from the first input in {k}; it is left out of the output's metadata");
+                eprintln!(
+                    "armorm: {label} differs from the inputs before it in {k}; it is left out of \
+                     the output's metadata"
+                );
             }
             same
         })

@@ -396,3 +396,83 @@ fn bad_rules_and_bad_files_are_refused_with_nothing_written() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a finite number"));
 }
+
+#[test]
+fn parquet_inputs_keep_the_metadata_they_agree_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let input = fixtures().join("conversations.jsonl");
+    // The same model under another name (armorm.model differs), and a model of 7 objectives.
+    let other = d("other-name");
+    std::os::unix::fs::symlink(model_dir(TINY), &other).unwrap();
+    for (m, out) in [
+        (model_dir(TINY), "a.parquet"),
+        (other, "b.parquet"),
+        (model_dir(ALT), "c.parquet"),
+    ] {
+        ok(&armorm(&[
+            "score",
+            input.to_str().unwrap(),
+            "--model",
+            m.to_str().unwrap(),
+            "-o",
+            d(out).to_str().unwrap(),
+            "-q",
+        ]));
+    }
+    let (a, b, out) = (d("a.parquet"), d("b.parquet"), d("out.parquet"));
+    let run = armorm(&[
+        "rescore",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--weights",
+        "helpsteer-correctness=2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    ok(&run);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("b.parquet") && err.contains("armorm.model"),
+        "{err}"
+    );
+    let meta = metadata(&out);
+    assert!(!meta.contains_key("armorm.model"), "the two names differ");
+    assert_eq!(meta["armorm.version"], env!("CARGO_PKG_VERSION"));
+    assert!(meta.contains_key(METADATA));
+    assert_eq!(read_parquet(&out).height(), 2 * read_parquet(&a).height());
+
+    // Other objectives are refused.
+    let c = d("c.parquet");
+    let refused = armorm(&[
+        "rescore",
+        a.to_str().unwrap(),
+        c.to_str().unwrap(),
+        "--weights",
+        "helpsteer-correctness=2",
+        "-o",
+        d("out3.parquet").to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("c.parquet: its objectives differ"), "{err}");
+
+    // A rescored file and a plain one: different histories (and columns) are refused.
+    let out2 = d("out2.parquet");
+    let refused = armorm(&[
+        "rescore",
+        out.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "--weights",
+        "helpsteer-correctness=2",
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("a.parquet") && err.contains("armorm.rescore"),
+        "{err}"
+    );
+    assert!(!out2.exists());
+}
