@@ -4,19 +4,23 @@
 //! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
 //!   `rope`), built from a checkpoint by `loader`.
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
-//!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a prompt:
-//!   the prefix run once, its keys and values cached), `scorer` (runs a window of encoded rows in
-//!   batches on the model: lanes, prefix sharing, out-of-memory split), `pipeline` (read, encode under --max-length
-//!   in its `EncodeStage`, score and write windows on threads), with `shard` and `signal` (stop at a
-//!   window boundary).
+//!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a
+//!   prompt: the prefix run once, its keys and values cached), `scorer` (runs a window of encoded rows
+//!   in batches on the model: lanes, prefix sharing, out-of-memory split), `pipeline` (read, encode
+//!   under --max-length in its `EncodeStage`, score and write windows on threads), with `shard` and
+//!   `signal` (stop at a window boundary).
 //! - Input/output: `format` (a path's format), `input` (JSONL and Parquet readers, rows held in
 //!   memory, rows to conversations), `hub` (the Hugging Face cache, shared with `loader`, and
-//!   `hf://datasets/...` names resolved to files in it), `output` (score columns, sinks: file, stdout, memory),
+//!   `hf://datasets/...` names resolved to files in it), `output` (score columns, sinks: file,
+//!   stdout, memory),
 //!   `checkpoint` (resumable part files), `parquet_out` (Parquet with classic Arrow types), `table`
 //!   (whole scored tables for the commands after scoring), `provenance` (what a scored file records
 //!   about its model, template and rows).
 //! - Commands: the binary's `src/cli/` (one file per subcommand), over `pairwise` (eval), `explain`,
-//!   `select` (filter, best-of-n) and `verify` (sampling and comparing re-scored rows).
+//!   `select` (filter, best-of-n), `mining` (best-of-n's pairs with per-objective margins and
+//!   filters), `rescore` (new scores from stored outputs), the last two on `lists` (polars
+//!   expressions over the per-objective list columns), and `verify` (sampling and comparing re-scored
+//!   rows).
 //!
 //! To add an input format: `format.rs` (its extensions), a reader in `input/` and its arm in
 //! `input::open`; `table::read` if the commands after scoring should read it too. To add an output
@@ -37,13 +41,16 @@ pub mod explain;
 pub mod format;
 pub mod hub;
 pub mod input;
+pub mod lists;
 pub mod loader;
+pub mod mining;
 pub mod model;
 pub mod output;
 pub mod pairwise;
 pub mod parquet_out;
 pub mod pipeline;
 pub mod provenance;
+pub mod rescore;
 pub mod scorer;
 pub mod select;
 pub mod shard;

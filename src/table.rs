@@ -123,6 +123,27 @@ fn read_one(input: &InputFile) -> Result<(DataFrame, Option<Vec<String>>), Input
     })
 }
 
+/// A Parquet file's key-value metadata (`armorm.*` and the like), without the Arrow schema that every
+/// writer adds; none for JSONL and stdin, which have no place for it.
+pub fn file_metadata(path: &str) -> Result<Vec<(String, String)>, InputError> {
+    if Format::of(path) != Some(Format::Parquet) {
+        return Ok(Vec::new());
+    }
+    let err = |m: String| InputError::new(path, None, m);
+    let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let mut reader = ParquetReader::new(file);
+    let meta = reader
+        .get_metadata()
+        .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+    Ok(meta
+        .key_value_metadata()
+        .iter()
+        .flatten()
+        .filter(|kv| kv.key != "ARROW:schema")
+        .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+        .collect())
+}
+
 impl Table {
     /// `frame` with the names its files say (`armorm.attributes`), when they match its lists.
     pub fn new(frame: DataFrame, meta_attrs: Option<Vec<String>>) -> Table {

@@ -6,6 +6,7 @@ mod explain;
 mod filter;
 mod inputs;
 mod progress;
+mod rescore;
 pub mod score;
 pub mod verify;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Re-score a random sample of a scored file's rows and compare (f32 on the CPU by default): exit
     /// code 4 when outputs differ past the tolerance or rows' tokens changed.
     Verify(verify::VerifyArgs),
+    /// A new score from a scored file's stored rewards and coefficients, without the model: objectives
+    /// re-weighted (--weights), fixed coefficients (--coefficients fixed:...) or a subset (--objectives).
+    Rescore(rescore::RescoreArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -58,6 +62,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Filter(args) => filter::run(args),
         Command::BestOfN(args) => best_of_n::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Rescore(args) => rescore::run(args),
     }
 }
 
