@@ -65,15 +65,15 @@ def make_dataset(path: Path, rows: int, seed: int = 0):
 
 
 def make_best_of_n(path: Path, prompts: int, n: int = 8, seed: int = 1):
-    """`n` answers per prompt, rows shuffled so that the answers to one prompt lie apart. Prompts of
-    420-640 words and answers of 90-190 words: ~500 and ~150 tokens with the chat template (a word is a
-    little under a token on average: measured 481 tokens for 500 words, 158 for 150 with its end token)."""
+    """`n` answers per prompt, rows shuffled so that the answers to one prompt lie apart: prompts of
+    400-600 words and answers of 95-195, i.e. ~500 and ~150 tokens with the chat template and the end
+    token (the benchmark prints the measured means)."""
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(prompts):
-        prompt = " ".join(rng.choice(WORDS, int(rng.integers(420, 641)))) + "?"
+        prompt = " ".join(rng.choice(WORDS, int(rng.integers(400, 601)))) + "?"
         for a in range(n):
-            response = " ".join(rng.choice(WORDS, int(rng.integers(90, 191)))) + "."
+            response = " ".join(rng.choice(WORDS, int(rng.integers(95, 196)))) + "."
             rows.append({"id": f"p{p}-a{a}", "prompt": prompt, "response": response})
     with path.open("w") as f:
         for i in rng.permutation(len(rows)):

@@ -161,9 +161,9 @@ def make_best_of_n_dataset(path: Path, prompts: int, n: int = 8, seed: int = 3):
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(prompts):
-        prompt = words(rng, int(rng.integers(420, 641))) + "?"
+        prompt = words(rng, int(rng.integers(400, 601))) + "?"
         for k in range(n):
-            rows.append({"id": f"b{p}_{k}", "prompt": prompt, "response": words(rng, int(rng.integers(90, 191))) + "."})
+            rows.append({"id": f"b{p}_{k}", "prompt": prompt, "response": words(rng, int(rng.integers(95, 196))) + "."})
     with path.open("w") as f:
         for i in rng.permutation(len(rows)):
             f.write(json.dumps(rows[i]) + "\n")

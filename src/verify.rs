@@ -5,6 +5,8 @@
 use polars::prelude::*;
 use serde::Serialize;
 
+use crate::rescore::{ORIGINAL_COEFFICIENTS, ORIGINAL_SCORE};
+
 /// The default `--tolerance` for a file scored in `dtype` (its `armorm.dtype`), `None` when unknown.
 /// f32: 1e-4, the bound the tests hold armorm's f32 scores to against transformers (summation order
 /// alone moves them by ~1e-6). bf16/f16: 5e-2, above the largest bf16-against-f32 score difference
@@ -118,14 +120,20 @@ impl Columns {
                 .map(|s| s.str().cloned().map_err(|e| e.to_string()))
                 .transpose()
         };
+        // A rescored file (`armorm rescore`) keeps the model's own score and coefficients beside the
+        // new ones: those are what re-scoring reproduces.
+        let (score, coefficients) = match frame.column(ORIGINAL_SCORE) {
+            Ok(_) => (ORIGINAL_SCORE, ORIGINAL_COEFFICIENTS),
+            Err(_) => ("score", "coefficients"),
+        };
         Ok(Self {
-            score: required("score", &DataType::Float32)?
+            score: required(score, &DataType::Float32)?
                 .f32()
                 .map_err(|e| e.to_string())?
                 .clone(),
             rewards: list_of("rewards")?,
             gating: list_of("gating")?,
-            coefficients: list_of("coefficients")?,
+            coefficients: list_of(coefficients)?,
             num_tokens: cast("num_tokens", &DataType::Int64)?
                 .map(|s| s.i64().cloned().map_err(|e| e.to_string()))
                 .transpose()?,

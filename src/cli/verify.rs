@@ -11,6 +11,7 @@ use serde::Serialize;
 use armorm::input::{self, Location, MemoryRow, RowInput};
 use armorm::pipeline::Policy;
 use armorm::provenance::{self, Provenance};
+use armorm::rescore::METADATA_KEY as RESCORE_KEY;
 use armorm::verify::{self, Columns, Comparison, Outputs, Sample};
 
 use super::score::Job;
@@ -105,6 +106,9 @@ struct Report {
     seed: u64,
     tolerance: f64,
     tolerance_from: String,
+    /// The file went through `armorm rescore`: the model's own `score_original` and
+    /// `coefficients_original` are compared, not its new score.
+    rescored: bool,
     recorded: Provenance,
     now: Provenance,
     /// `None` when the file does not record it.
@@ -117,7 +121,9 @@ struct Report {
 
 pub fn run(args: VerifyArgs) -> Result<()> {
     let label = input::label(&args.scored).to_string();
-    let recorded = Provenance::from_metadata(&provenance::file_metadata(&args.scored)?);
+    let metadata = provenance::file_metadata(&args.scored)?;
+    let rescored = metadata.contains_key(RESCORE_KEY);
+    let recorded = Provenance::from_metadata(&metadata);
     let model = model_args(&args, &recorded)?;
     let reading = args.columns.reading();
     let drawing = draw(&args, &reading, &label)?;
@@ -147,6 +153,7 @@ pub fn run(args: VerifyArgs) -> Result<()> {
         seed: args.seed,
         tolerance,
         tolerance_from,
+        rescored,
         template_changed: changed(&recorded.template_hash, &now.template_hash),
         model_hash_changed: changed(&recorded.model_hash, &now.model_hash),
         recorded,
@@ -389,6 +396,13 @@ fn print_report(r: &Report, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "template       {}", same(r.template_changed))?;
     writeln!(out, "model_hash     {}", same(r.model_hash_changed))?;
     writeln!(out, "tolerance      {} ({})", r.tolerance, r.tolerance_from)?;
+    if r.rescored {
+        writeln!(
+            out,
+            "rescored       yes (armorm.rescore): the model's score_original and coefficients_original \
+             are compared"
+        )?;
+    }
     writeln!(
         out,
         "compared       {} rows with the same tokens",

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod head;
+mod layout;
 pub mod llama;
 pub mod profile;
 pub mod rope;

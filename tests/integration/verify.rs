@@ -501,3 +501,36 @@ fn a_file_without_scores_or_model_is_an_error() {
         stderr(&out)
     );
 }
+
+/// A file through `armorm rescore` (its score and coefficients re-weighted) verifies against the model's
+/// own outputs it keeps as `score_original` and `coefficients_original`; its new score would not.
+#[test]
+fn a_rescored_file_verifies_against_the_models_own_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let scored = scored_fixture(dir.path());
+    let rescored = dir.path().join("rescored.parquet");
+    let out = armorm(&[
+        "rescore",
+        scored.to_str().unwrap(),
+        "--weights",
+        "helpsteer-correctness=3,helpsteer-verbosity=-2",
+        "-o",
+        rescored.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, r) = verify(&rescored, &[]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["rescored"], true);
+    assert_eq!(r["compared"], 18);
+    for name in ["score", "coefficients"] {
+        let d = column(&r, name)["max_abs_diff"].as_f64().unwrap();
+        assert!(d <= 1e-4, "{name}: {d}");
+    }
+    // The new score is far from the model's: a verify against it would fail.
+    let (new, original) = {
+        let df = read(&rescored);
+        let f = |c: &str| df.column(c).unwrap().f32().unwrap().get(0).unwrap();
+        (f("score"), f("score_original"))
+    };
+    assert!((new - original).abs() > 1e-3, "{new} vs {original}");
+}

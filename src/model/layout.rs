@@ -1,0 +1,238 @@
+//! Where each token of a flat batch sits in the padded grids attention works on, with or without
+//! cached prefixes: gather indices, RoPE positions and the additive masks, built once per batch.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::llama::Past;
+use super::profile::Timer;
+use super::rope;
+
+/// Where each token of a flat batch sits, built once per batch and shared by every layer.
+///
+/// Row r has `past[r]` cached tokens (0 without a cache) and `n[r]` new ones. Queries are the new tokens,
+/// padded to (b, tq), tq = max n; keys and values are the cached tokens followed by the new ones, padded
+/// to (b, t), t = max(past + n). Without a cache the two grids are the same.
+pub(super) struct Layout {
+    /// The compute dtype of the blocks' matmuls.
+    pub(super) dtype: DType,
+    pub(super) b: usize,
+    pub(super) tq: usize,
+    pub(super) t: usize,
+    /// The most cached tokens of any row.
+    pub(super) max_past: usize,
+    pub(super) picks: Vec<usize>,
+    /// For each slot of the padded (b, tq) query grid, the flat new token it holds (padding repeats
+    /// token 0).
+    pub(super) to_padded: Tensor,
+    /// For each slot of the padded (b, t) key grid, its token in [cached tokens; new tokens].
+    pub(super) keys_to_padded: Tensor,
+    /// For each flat new token, its slot in the padded query grid.
+    pub(super) to_flat: Tensor,
+    pub(super) pick_index: Tensor,
+    pub(super) cos: Tensor, // (n, d/2)
+    pub(super) sin: Tensor,
+    pub(super) pick_cos: Tensor, // (p, d/2)
+    pub(super) pick_sin: Tensor,
+    /// Additive causal mask (1, 1, 1, t, t) without a cache, (b, 1, 1, tq, t) with one: query j of row r
+    /// sees the keys up to its position, past[r] + j. With right padding that is all that is needed: a
+    /// real token never sees a later position, and every padding slot comes after the row's last token.
+    pub(super) causal: Tensor,
+    /// (b, 1, 1, per_row, t): each picked query sees the keys up to its own position.
+    pub(super) pick_mask: Tensor,
+    /// The model's timer (off unless a profile is on).
+    pub(super) timer: Timer,
+}
+
+impl Layout {
+    pub(super) fn new(
+        cu_lens: &[usize],
+        picks: &[usize],
+        past: Option<Past>,
+        inv_freq: &[f32],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let b = cu_lens.len() - 1;
+        let lens: Vec<usize> = cu_lens.windows(2).map(|w| w[1] - w[0]).collect();
+        let cached: Vec<usize> = match past {
+            Some(p) => p.of.iter().map(|&c| p.cache.len_of(c)).collect(),
+            None => vec![0; b],
+        };
+        let tq = lens.iter().copied().max().unwrap_or(0);
+        let t = (0..b).map(|r| cached[r] + lens[r]).max().unwrap_or(0);
+        let max_past = cached.iter().copied().max().unwrap_or(0);
+        let row_of = |i: usize| cu_lens.partition_point(|&c| c <= i) - 1;
+        let pos_of = |i: usize| cached[row_of(i)] + i - cu_lens[row_of(i)];
+
+        let (to_padded, to_flat) = query_grid(cu_lens, tq);
+        let keys_to_padded = match past {
+            Some(p) => key_grid(cu_lens, &p.cache.cu_lens, p.of, t),
+            None => to_padded.clone(),
+        };
+        let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
+        let pick_positions: Vec<u32> = picks.iter().map(|&i| pos_of(i) as u32).collect();
+        let (cos_t, sin_t) = rope::tables(inv_freq, t, dtype, dev)?; // (t, d/2)
+        let gather = |table: &Tensor, idx: &[u32]| {
+            table.index_select(&Tensor::from_slice(idx, idx.len(), dev)?, 0)
+        };
+
+        let per_row = picks.len() / b.max(1);
+        let mut pick_mask = vec![f32::NEG_INFINITY; b * per_row * t];
+        for (k, &i) in picks.iter().enumerate() {
+            let (slot, r) = (k / b, k % b);
+            debug_assert_eq!(row_of(i), r, "picks must be grouped by kind, rows in order");
+            for j in 0..=pos_of(i) {
+                pick_mask[(r * per_row + slot) * t + j] = 0.0;
+            }
+        }
+        let causal = match past {
+            None => Tensor::from_vec(causal_mask(&[0], t, t), (1, 1, 1, t, t), dev)?,
+            Some(_) => Tensor::from_vec(causal_mask(&cached, tq, t), (b, 1, 1, tq, t), dev)?,
+        };
+        let n = cu_lens[b];
+        Ok(Self {
+            dtype,
+            b,
+            tq,
+            t,
+            max_past,
+            picks: picks.to_vec(),
+            to_padded: Tensor::from_vec(to_padded, b * tq, dev)?,
+            keys_to_padded: Tensor::from_vec(keys_to_padded, b * t, dev)?,
+            to_flat: Tensor::from_vec(to_flat, n, dev)?,
+            pick_index: Tensor::from_vec(
+                picks.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                picks.len(),
+                dev,
+            )?,
+            cos: gather(&cos_t, &positions)?,
+            sin: gather(&sin_t, &positions)?,
+            pick_cos: gather(&cos_t, &pick_positions)?,
+            pick_sin: gather(&sin_t, &pick_positions)?,
+            causal,
+            pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
+            timer: Timer::default(),
+        })
+    }
+
+    /// Flat new tokens (n, heads·d) -> padded queries (b, heads, tq, d).
+    pub(super) fn pad_queries(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        pad(x, &self.to_padded, (self.b, self.tq, heads, d))
+    }
+
+    /// Flat [cached; new] tokens (c + n, heads·d) -> padded keys or values (b, heads, t, d).
+    pub(super) fn pad_keys(&self, x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+        pad(x, &self.keys_to_padded, (self.b, self.t, heads, d))
+    }
+
+    /// Padded (b, heads, tq, d) -> flat (n, heads·d).
+    pub(super) fn unpad(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, heads, tq, d) = x.dims4()?;
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * tq, heads * d))?
+            .index_select(&self.to_flat, 0)
+    }
+}
+
+/// Flat (m, heads·d) gathered by `index` into (b, heads, t, d).
+fn pad(
+    x: &Tensor,
+    index: &Tensor,
+    (b, t, heads, d): (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    x.index_select(index, 0)?
+        .reshape((b, t, heads, d))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// For each slot of the (b, tq) grid of new tokens, the flat token it holds (padding repeats token 0),
+/// and for each flat token its slot.
+fn query_grid(cu_lens: &[usize], tq: usize) -> (Vec<u32>, Vec<u32>) {
+    let b = cu_lens.len() - 1;
+    let mut to_padded = vec![0u32; b * tq];
+    let mut to_flat = Vec::with_capacity(cu_lens[b]);
+    for (r, w) in cu_lens.windows(2).enumerate() {
+        for (p, i) in (w[0]..w[1]).enumerate() {
+            to_padded[r * tq + p] = i as u32;
+            to_flat.push((r * tq + p) as u32);
+        }
+    }
+    (to_padded, to_flat)
+}
+
+/// For each slot of the (b, t) key grid, its token in [the cache's tokens; the batch's new tokens]:
+/// row r's cached row first, then its own tokens, then padding (token 0, masked).
+/// `cached_cu`: the cache's rows end to end; `of`: which cached row each row continues.
+fn key_grid(cu_lens: &[usize], cached_cu: &[usize], of: &[usize], t: usize) -> Vec<u32> {
+    let b = cu_lens.len() - 1;
+    let new_start = cached_cu.last().copied().unwrap_or(0);
+    let mut grid = vec![0u32; b * t];
+    for r in 0..b {
+        let c = of[r];
+        let cached = cached_cu[c]..cached_cu[c + 1];
+        let new = (new_start + cu_lens[r])..(new_start + cu_lens[r + 1]);
+        for (slot, i) in grid[r * t..].iter_mut().zip(cached.chain(new)) {
+            *slot = i as u32;
+        }
+    }
+    grid
+}
+
+/// Additive causal masks (rows, tq, t), one per entry of `past`: query j sees the keys up to past + j.
+fn causal_mask(past: &[usize], tq: usize, t: usize) -> Vec<f32> {
+    let mut mask = vec![f32::NEG_INFINITY; past.len() * tq * t];
+    for (r, &c) in past.iter().enumerate() {
+        for j in 0..tq {
+            let row = &mut mask[(r * tq + j) * t..(r * tq + j + 1) * t];
+            row[..(c + j + 1).min(t)].fill(0.0);
+        }
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_maps_flat_tokens_to_the_padded_grid_and_back() {
+        // Rows of 2 and 3 tokens; picks: last tokens (1, 4), then gates (0, 2).
+        let lay = Layout::new(
+            &[0, 2, 5],
+            &[1, 4, 0, 2],
+            None,
+            &[1.0],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!((lay.b, lay.t), (2, 3));
+        assert_eq!(lay.to_padded.to_vec1::<u32>().unwrap(), [0, 1, 0, 2, 3, 4]);
+        assert_eq!(lay.to_flat.to_vec1::<u32>().unwrap(), [0, 1, 3, 4, 5]);
+        // Positions restart at 0 in each row: cos(pos · 1.0).
+        let cos: Vec<f32> = lay.cos.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = [0., 1., 0., 1., 2.].iter().map(|p: &f32| p.cos()).collect();
+        assert_eq!(cos, want);
+        // Row 0's last token (position 1) sees keys 0..=1; row 1's gate (position 0) sees key 0 only.
+        let m: Vec<f32> = lay.pick_mask.flatten_all().unwrap().to_vec1().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(&m[0..3], &[0., 0., inf]);
+        assert_eq!(&m[9..12], &[0., inf, inf]);
+    }
+
+    #[test]
+    fn cached_rows_continue_at_their_positions_and_see_their_prefix() {
+        // Cached rows of 3 and 1 tokens; the batch: row 0 continues cached row 1 with 2 tokens, row 1
+        // continues cached row 0 with 1 token. Keys: [cache 0..4; new 4..7].
+        let grid = key_grid(&[0, 2, 3], &[0, 3, 4], &[1, 0], 4);
+        assert_eq!(grid, [3, 4, 5, 0, 0, 1, 2, 6]);
+        let inf = f32::NEG_INFINITY;
+        // Query j of a row with c cached tokens sees keys 0..=c + j.
+        assert_eq!(
+            causal_mask(&[1, 3], 2, 4),
+            [0., 0., inf, inf, 0., 0., 0., inf, 0., 0., 0., 0., 0., 0., 0., 0.]
+        );
+    }
+}
