@@ -6,14 +6,15 @@ use clap::Args;
 use polars::prelude::DataFrame;
 
 use armorm::format::Format;
+use armorm::input::InputFile;
 use armorm::output::{self, Target};
 use armorm::rescore::{self, Assignments, FixedCoefficients, Rule, METADATA_KEY};
 use armorm::table;
 
 #[derive(Args)]
 pub struct RescoreArgs {
-    /// Files written by `armorm score` (.parquet or .jsonl), read in order as one table; - reads JSONL
-    /// from stdin.
+    /// Files written by `armorm score` (.parquet or .jsonl, or hf://datasets/OWNER/NAME[@REVISION]/PATH_OR_GLOB),
+    /// read in order as one table; - reads JSONL from stdin.
     #[arg(required = true)]
     inputs: Vec<String>,
     /// Multiply objectives' coefficients, e.g. `helpsteer-correctness=2,helpsteer-verbosity=-1` (the
@@ -47,7 +48,7 @@ pub fn run(args: RescoreArgs) -> Result<()> {
         return Err(anyhow!("stdin (-) can be read only once"));
     }
     let target = Target::parse(&args.output)?;
-    let inputs = read_inputs(&args.inputs)?;
+    let inputs = read_inputs(&super::inputs::resolve(&args.inputs, false)?)?;
     let resolved = rule.resolve(&inputs.attributes)?;
     let frame = rescore::rescore(inputs.frame, &inputs.attributes, &resolved)
         .with_context(|| args.inputs.join(", "))?;
@@ -81,9 +82,9 @@ struct Inputs {
     history: Option<String>,
 }
 
-fn read_inputs(paths: &[String]) -> Result<Inputs> {
-    let (first, rest) = paths.split_first().ok_or_else(|| anyhow!("no input"))?;
-    let first_label = armorm::input::label(first);
+fn read_inputs(files: &[InputFile]) -> Result<Inputs> {
+    let (first, rest) = files.split_first().ok_or_else(|| anyhow!("no input"))?;
+    let first_label = first.label.as_str();
     let t = read_one(first)?;
     let mut inputs = Inputs {
         frame: t.frame,
@@ -93,9 +94,9 @@ fn read_inputs(paths: &[String]) -> Result<Inputs> {
     };
     // Only Parquet carries metadata: the Parquet inputs must agree on their rescore history.
     let mut parquet: Option<(&str, Vec<(String, String)>)> = t.metadata.map(|m| (first_label, m));
-    for path in rest {
-        let label = armorm::input::label(path);
-        let t = read_one(path)?;
+    for file in rest {
+        let label = file.label.as_str();
+        let t = read_one(file)?;
         if t.attributes != inputs.attributes {
             return Err(anyhow!(
                 "{label}: its objectives differ from {first_label}'s ({} against {})",
@@ -136,9 +137,9 @@ struct One {
     metadata: Option<Vec<(String, String)>>,
 }
 
-fn read_one(path: &str) -> Result<One> {
-    let label = armorm::input::label(path);
-    let t = table::read(path)?;
+fn read_one(file: &InputFile) -> Result<One> {
+    let (path, label) = (file.path.as_str(), file.label.as_str());
+    let t = table::read_files(std::slice::from_ref(file))?;
     let n = t.attributes.len();
     armorm::lists::check_lists(&t.frame, "rewards", n)
         .and_then(|()| armorm::lists::check_lists(&t.frame, "coefficients", n))

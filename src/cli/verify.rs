@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use armorm::input::{self, Location, MemoryRow, RowInput};
+use armorm::input::{self, InputFile, Location, MemoryRow, RowInput};
 use armorm::pipeline::Policy;
 use armorm::provenance::{self, Provenance};
 use armorm::rescore::METADATA_KEY as RESCORE_KEY;
@@ -27,8 +27,8 @@ pub struct Mismatch(pub String);
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// A file written by `armorm score` (.parquet or .jsonl, with its input columns); - reads JSONL
-    /// from stdin.
+    /// A file written by `armorm score` (.parquet or .jsonl, with its input columns), or one file on the
+    /// hub (hf://datasets/OWNER/NAME[@REVISION]/PATH); - reads JSONL from stdin.
     scored: String,
     /// Rows re-scored, drawn at random among the rows with a score (all of them when fewer).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -120,13 +120,14 @@ struct Report {
 }
 
 pub fn run(args: VerifyArgs) -> Result<()> {
-    let label = input::label(&args.scored).to_string();
-    let metadata = provenance::file_metadata(&args.scored)?;
+    let file = one_file(&args.scored, args.run.quiet)?;
+    let label = file.label.clone();
+    let metadata = provenance::file_metadata(&file.path)?;
     let rescored = metadata.contains_key(RESCORE_KEY);
     let recorded = Provenance::from_metadata(&metadata);
-    let model = model_args(&args, &recorded)?;
+    let model = model_args(&args, &recorded, &label)?;
     let reading = args.columns.reading();
-    let drawing = draw(&args, &reading, &label)?;
+    let drawing = draw(&args, &file, &reading)?;
     if drawing.drawn.is_empty() {
         return Err(anyhow!(
             "{label}: no row with a score to verify ({} rows)",
@@ -174,22 +175,30 @@ pub fn run(args: VerifyArgs) -> Result<()> {
     }
 }
 
+/// The scored file: a local path, stdin, or a hub name of exactly one file.
+fn one_file(scored: &str, quiet: bool) -> Result<InputFile> {
+    let mut files = super::inputs::resolve_one(scored, quiet)?;
+    match files.len() {
+        1 => Ok(files.remove(0)),
+        n => Err(anyhow!(
+            "{scored}: names {n} files; verify reads one scored file"
+        )),
+    }
+}
+
 /// Whether a recorded hash differs from the one now; `None` when the file has none.
 fn changed(recorded: &str, now: &str) -> Option<bool> {
     (!recorded.is_empty()).then(|| recorded != now)
 }
 
 /// The re-scoring's model settings: the file's model, commit and --max-length unless told otherwise.
-fn model_args(args: &VerifyArgs, recorded: &Provenance) -> Result<ModelArgs> {
+fn model_args(args: &VerifyArgs, recorded: &Provenance, label: &str) -> Result<ModelArgs> {
     let from_file = |v: &str| (!v.is_empty()).then(|| v.to_string());
     let (model, revision) = match &args.model {
         Some(m) => (m.clone(), args.revision.clone()),
         None => (
             from_file(&recorded.model).ok_or_else(|| {
-                anyhow!(
-                    "{}: the file does not record its model (armorm.model): give --model",
-                    input::label(&args.scored)
-                )
+                anyhow!("{label}: the file does not record its model (armorm.model): give --model")
             })?,
             args.revision
                 .clone()
@@ -215,14 +224,9 @@ fn model_args(args: &VerifyArgs, recorded: &Provenance) -> Result<ModelArgs> {
 
 /// Reads the file as `armorm score` reads an input (so each row's conversation is the one it scored)
 /// and draws `--sample` of its rows with a score.
-fn draw(args: &VerifyArgs, reading: &Reading, label: &str) -> Result<Drawing> {
-    let mut source = input::open(
-        &args.scored,
-        &reading.names,
-        WINDOW,
-        true,
-        reading.max_line_bytes,
-    )?;
+fn draw(args: &VerifyArgs, file: &InputFile, reading: &Reading) -> Result<Drawing> {
+    let label = &file.label;
+    let mut source = input::open_as(file, &reading.names, WINDOW, true, reading.max_line_bytes)?;
     let mut sample = Sample::new(args.sample as usize, args.seed);
     let mut rows = 0;
     while let Some(chunk) = source.next_chunk()? {

@@ -691,3 +691,49 @@ fn filter_reads_scored_files_from_the_hub() {
     assert_eq!(from_hub.lines().count(), 11);
     assert_eq!(from_hub, filter(scored.to_str().unwrap()));
 }
+
+/// The commands after scoring that read whole scored files take hub names too: `rescore` (as the local
+/// file gives) and `verify` (one file; a glob over several is refused).
+#[test]
+fn rescore_and_verify_read_scored_files_from_the_hub() {
+    let cache = HubCache::new();
+    let local = tempfile::tempdir().unwrap();
+    let scored = local.path().join("scored.parquet");
+    let model = model_dir(TINY);
+    ok(&armorm(&[
+        "score",
+        fixtures().join("conversations.parquet").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        scored.to_str().unwrap(),
+        "-q",
+    ]));
+    let bytes = std::fs::read(&scored).unwrap();
+    cache.put("fx/scores", A, "scored.parquet", &bytes);
+    cache.put("fx/scores", A, "copy.parquet", &bytes);
+    cache.set_ref("fx/scores", "main", A);
+    let cwd = tempfile::tempdir().unwrap();
+    let rescore = |input: &str| -> String {
+        let args = [
+            "rescore",
+            input,
+            "--objectives",
+            "helpsteer-correctness",
+            "-o",
+            "-",
+        ];
+        ok(&run_in(cache.path(), cwd.path(), &args))
+    };
+    let from_hub = rescore("hf://datasets/fx/scores/scored.parquet");
+    assert_eq!(from_hub.lines().count(), 18);
+    assert_eq!(from_hub, rescore(scored.to_str().unwrap()));
+
+    let verify = |input: &str| run_in(cache.path(), cwd.path(), &["verify", input, "-q"]);
+    let out = verify("hf://datasets/fx/scores/scored.parquet");
+    let text = ok(&out);
+    assert!(text.contains("hf://datasets/fx/scores"), "{text}");
+    let out = verify("hf://datasets/fx/scores/*.parquet");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("names 2 files"), "{}", stderr(&out));
+}
