@@ -144,6 +144,27 @@ pub fn file_metadata(path: &str) -> Result<Vec<(String, String)>, InputError> {
         .collect())
 }
 
+/// The `armorm.*` metadata (other than `armorm.attributes`, which a writer sets) that every Parquet file
+/// among `files` has with the same value: the provenance that still describes rows selected from them
+/// (filter, best-of-n). JSONL and stdin have none.
+pub fn carried_metadata(files: &[InputFile]) -> Result<Vec<(String, String)>, InputError> {
+    let mut kept: Option<Vec<(String, String)>> = None;
+    for file in files {
+        if Format::of(&file.path) != Some(Format::Parquet) {
+            continue;
+        }
+        let meta: Vec<(String, String)> = file_metadata(&file.path)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("armorm.") && k != "armorm.attributes")
+            .collect();
+        kept = Some(match kept {
+            None => meta,
+            Some(kept) => kept.into_iter().filter(|kv| meta.contains(kv)).collect(),
+        });
+    }
+    Ok(kept.unwrap_or_default())
+}
+
 impl Table {
     /// `frame` with the names its files say (`armorm.attributes`), when they match its lists.
     pub fn new(frame: DataFrame, meta_attrs: Option<Vec<String>>) -> Table {

@@ -57,7 +57,8 @@ fn ratio(s: &str) -> Result<f64, String> {
 
 pub fn run(args: BestOfNArgs) -> Result<()> {
     let target = Target::parse(&args.output)?;
-    let t = table::read_files(&inputs::resolve_one(&args.input, false)?)?;
+    let files = inputs::resolve_one(&args.input, false)?;
+    let t = table::read_files(&files)?;
     let label = armorm::input::label(&args.input);
     let frame = t.frame;
     let scores = table::f32_column(&frame, "score").map_err(|m| anyhow!("{label}: {m}"))?;
@@ -78,10 +79,12 @@ pub fn run(args: BestOfNArgs) -> Result<()> {
     } else {
         select::take(&frame, &groups.iter().map(|g| g.best).collect::<Vec<_>>())?
     };
-    let meta = vec![(
+    let mut meta = vec![(
         "armorm.attributes".to_string(),
         serde_json::to_string(&t.attributes)?,
     )];
+    // The rows kept are rows the model scored: what their file says of the model still holds.
+    meta.extend(table::carried_metadata(&files)?);
     Ok(table::write(out, &target, meta)?)
 }
 

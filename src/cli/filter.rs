@@ -40,7 +40,8 @@ pub fn run(args: FilterArgs) -> Result<()> {
         ));
     }
     let target = Target::parse(&args.output)?;
-    let t = table::read_files(&inputs::resolve_one(&args.input, false)?)?;
+    let files = inputs::resolve_one(&args.input, false)?;
+    let t = table::read_files(&files)?;
     let label = armorm::input::label(&args.input);
     let mut frame = t.frame;
     if let Some(cond) = &args.condition {
@@ -52,9 +53,11 @@ pub fn run(args: FilterArgs) -> Result<()> {
         let scores = table::f32_column(&frame, "score").map_err(|m| anyhow!("{label}: {m}"))?;
         frame = select::take(&frame, &select::top_fraction_indices(&scores, f))?;
     }
-    let meta = vec![(
+    let mut meta = vec![(
         "armorm.attributes".to_string(),
         serde_json::to_string(&t.attributes)?,
     )];
+    // The rows kept are rows the model scored: what their file says of the model still holds.
+    meta.extend(table::carried_metadata(&files)?);
     Ok(table::write(frame, &target, meta)?)
 }

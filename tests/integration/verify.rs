@@ -534,3 +534,60 @@ fn a_rescored_file_verifies_against_the_models_own_outputs() {
     };
     assert!((new - original).abs() > 1e-3, "{new} vs {original}");
 }
+
+/// Rows that filter and best-of-n keep are rows the model scored: their outputs keep the file's
+/// provenance, so a filtered file verifies on its own (no --model).
+#[test]
+fn filtered_and_best_of_n_outputs_keep_the_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let scored = scored_fixture(dir.path());
+    let source = metadata(&scored);
+    let filtered = dir.path().join("filtered.parquet");
+    let best = dir.path().join("best.parquet");
+    let pairs = dir.path().join("pairs.parquet");
+    let runs: [&[&str]; 3] = [
+        &[
+            "filter",
+            "--top-fraction",
+            "0.5",
+            "-o",
+            filtered.to_str().unwrap(),
+        ],
+        &[
+            "best-of-n",
+            "--group",
+            "num_tokens",
+            "-o",
+            best.to_str().unwrap(),
+        ],
+        &[
+            "best-of-n",
+            "--group",
+            "num_tokens",
+            "--pairs",
+            "-o",
+            pairs.to_str().unwrap(),
+        ],
+    ];
+    for run in runs {
+        let mut args = vec![run[0], scored.to_str().unwrap()];
+        args.extend_from_slice(&run[1..]);
+        let out = armorm(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for path in [&filtered, &best, &pairs] {
+        let meta = metadata(path);
+        for key in [
+            "armorm.model",
+            "armorm.model_hash",
+            "armorm.template_hash",
+            "armorm.dtype",
+        ] {
+            assert_eq!(meta.get(key), source.get(key), "{}: {key}", path.display());
+            assert!(!source[key].is_empty(), "{key}");
+        }
+    }
+    let (code, r) = verify(&filtered, &[]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["compared"], 9);
+}
