@@ -191,3 +191,24 @@ pub fn golden_as_scored(id: &str, g: &Golden) -> Scored {
         num_tokens: g.num_tokens,
     }
 }
+
+/// A Parquet file read whole.
+pub fn read_parquet(path: &Path) -> polars::prelude::DataFrame {
+    use polars::prelude::*;
+    ParquetReader::new(std::fs::File::open(path).unwrap())
+        .finish()
+        .unwrap()
+}
+
+/// A Parquet file's key-value metadata.
+pub fn parquet_metadata(path: &Path) -> HashMap<String, String> {
+    use polars::prelude::*;
+    let mut reader = ParquetReader::new(std::fs::File::open(path).unwrap());
+    let meta = reader.get_metadata().unwrap().clone();
+    meta.key_value_metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|kv| (kv.key, kv.value.unwrap_or_default()))
+        .collect()
+}

@@ -6,12 +6,6 @@ use polars::prelude::*;
 
 use crate::common::*;
 
-fn read_parquet(path: &std::path::Path) -> DataFrame {
-    ParquetReader::new(File::open(path).unwrap())
-        .finish()
-        .unwrap()
-}
-
 fn scored_from_frame(df: &DataFrame) -> Vec<Scored> {
     let list = |name: &str, i: usize| -> Vec<f32> {
         let s = df

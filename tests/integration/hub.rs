@@ -3,7 +3,6 @@
 //! nothing touches the network. The download path (one call into hf-hub) cannot be tested without it.
 
 use std::collections::hash_map::DefaultHasher;
-use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -143,12 +142,6 @@ fn string_ids(frame: &DataFrame) -> Vec<String> {
     (0..ids.len())
         .map(|i| ids.get(i).unwrap().to_string())
         .collect()
-}
-
-fn read_parquet(path: &Path) -> DataFrame {
-    ParquetReader::new(File::open(path).unwrap())
-        .finish()
-        .unwrap()
 }
 
 #[test]

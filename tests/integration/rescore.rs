@@ -157,30 +157,13 @@ fn a_rescore_of_a_rescore_composes() {
     assert!((score_of(&rows, "even") - 49.0).abs() < 1e-5);
     assert!((score_of(&rows, "one") - 8.0).abs() < 1e-5);
     assert_eq!(rows["one"]["score_original"].as_f64(), Some(2.0));
-    let steps: Vec<Value> = serde_json::from_str(&metadata(&second)[METADATA]).unwrap();
+    let steps: Vec<Value> = serde_json::from_str(&parquet_metadata(&second)[METADATA]).unwrap();
     assert_eq!(steps.len(), 2);
     assert_eq!(steps[1]["weights"]["helpsteer-correctness"], json!(2.0));
     assert_eq!(steps[1]["base"], json!("stored coefficients"));
 }
 
 const METADATA: &str = "armorm.rescore";
-
-fn metadata(path: &Path) -> HashMap<String, String> {
-    let mut reader = ParquetReader::new(File::open(path).unwrap());
-    let meta = reader.get_metadata().unwrap().clone();
-    meta.key_value_metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|kv| (kv.key, kv.value.unwrap_or_default()))
-        .collect()
-}
-
-fn read_parquet(path: &Path) -> DataFrame {
-    ParquetReader::new(File::open(path).unwrap())
-        .finish()
-        .unwrap()
-}
 
 fn column_f32(df: &DataFrame, name: &str) -> Vec<f32> {
     let c = df.column(name).unwrap().f32().unwrap().clone();
@@ -238,7 +221,7 @@ fn all_weights_one_reproduce_the_model_scores() {
             "{name} changed"
         );
     }
-    let (m_before, m_after) = (metadata(&scored), metadata(&out));
+    let (m_before, m_after) = (parquet_metadata(&scored), parquet_metadata(&out));
     for key in [
         "armorm.attributes",
         "armorm.model",
@@ -436,7 +419,7 @@ fn parquet_inputs_keep_the_metadata_they_agree_on() {
         err.contains("b.parquet") && err.contains("armorm.model"),
         "{err}"
     );
-    let meta = metadata(&out);
+    let meta = parquet_metadata(&out);
     assert!(!meta.contains_key("armorm.model"), "the two names differ");
     assert_eq!(meta["armorm.version"], env!("CARGO_PKG_VERSION"));
     assert!(meta.contains_key(METADATA));

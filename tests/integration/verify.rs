@@ -2,7 +2,6 @@
 //! device, dtype, per-row input_hash), and verify on untouched files, on files edited by hand, and
 //! against a changed template.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -53,27 +52,10 @@ fn verify(file: &Path, extra: &[&str]) -> (Option<i32>, Value) {
     (out.status.code(), report)
 }
 
-fn metadata(path: &Path) -> HashMap<String, String> {
-    let mut reader = ParquetReader::new(File::open(path).unwrap());
-    let meta = reader.get_metadata().unwrap().clone();
-    meta.key_value_metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|kv| (kv.key, kv.value.unwrap_or_default()))
-        .collect()
-}
-
-fn read(path: &Path) -> DataFrame {
-    ParquetReader::new(File::open(path).unwrap())
-        .finish()
-        .unwrap()
-}
-
 /// Edits a scored Parquet file by hand: its frame changed by `edit`, its metadata kept.
 fn rewrite(path: &Path, edit: impl FnOnce(&mut DataFrame)) {
-    let kv: Vec<(String, String)> = metadata(path).into_iter().collect();
-    let mut df = read(path);
+    let kv: Vec<(String, String)> = parquet_metadata(path).into_iter().collect();
+    let mut df = read_parquet(path);
     edit(&mut df);
     let schema = df.schema().as_ref().clone();
     let mut w =
@@ -156,7 +138,7 @@ fn model_hash_by_hand(model: &Path) -> String {
 fn a_scored_file_records_its_model_template_device_and_each_rows_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let out = scored_fixture(dir.path());
-    let kv = metadata(&out);
+    let kv = parquet_metadata(&out);
     let model = model_dir(TINY);
     assert_eq!(
         kv["armorm.template_hash"],
@@ -174,7 +156,7 @@ fn a_scored_file_records_its_model_template_device_and_each_rows_tokens() {
     assert_eq!(kv["armorm.max_length"], "8192");
 
     // input_hash: the first 16 hex digits of sha256 over the ids transformers produced, as LE u32.
-    let df = read(&out);
+    let df = read_parquet(&out);
     let goldens = goldens(TINY);
     let ids = df.column("id").unwrap().str().unwrap().clone();
     let hashes = df.column("input_hash").unwrap().str().unwrap().clone();
@@ -198,7 +180,7 @@ fn a_scored_file_records_its_model_template_device_and_each_rows_tokens() {
         &[],
     );
     assert_eq!(
-        metadata(&again)["armorm.model_hash"],
+        parquet_metadata(&again)["armorm.model_hash"],
         kv["armorm.model_hash"]
     );
     let copy = model_copy(dir.path(), |m| {
@@ -213,7 +195,7 @@ fn a_scored_file_records_its_model_template_device_and_each_rows_tokens() {
         &other,
         &[],
     );
-    let other_hash = &metadata(&other)["armorm.model_hash"];
+    let other_hash = &parquet_metadata(&other)["armorm.model_hash"];
     assert_ne!(other_hash, &kv["armorm.model_hash"]);
     assert_eq!(other_hash, &model_hash_by_hand(&copy));
 }
@@ -259,7 +241,7 @@ fn a_bf16_file_gets_the_bf16_tolerance() {
     let out = dir.path().join("bf16.parquet");
     let input = fixtures().join("conversations.parquet");
     score(&model_dir(TINY), &input, &out, &["--dtype", "bf16"]);
-    assert_eq!(metadata(&out)["armorm.dtype"], "bf16");
+    assert_eq!(parquet_metadata(&out)["armorm.dtype"], "bf16");
     let (code, r) = verify(&out, &[]);
     assert_eq!(code, Some(0), "{r}");
     assert_eq!(r["tolerance"], 5e-2);
@@ -392,7 +374,7 @@ fn a_changed_template_is_reported_and_the_rows_it_changes_flagged() {
     let untrimmed = template.replace("message['content'] | trim", "message['content']");
     assert_ne!(untrimmed, template);
     let no_trim = model_copy(&dir.path().join("b"), |m| set_chat_template(m, &untrimmed));
-    let df = read(&out);
+    let df = read_parquet(&out);
     let text = |c: &str| df.column(c).unwrap().str().unwrap().clone();
     let (prompts, responses) = (text("prompt"), text("response"));
     let padded = |s: Option<&str>| s.is_some_and(|s| s.trim() != s);
@@ -469,7 +451,7 @@ fn jsonl_and_truncated_rows_verify() {
         &pq,
         &extra,
     );
-    assert_eq!(metadata(&pq)["armorm.max_length"], "100");
+    assert_eq!(parquet_metadata(&pq)["armorm.max_length"], "100");
     let (code, r) = verify(&pq, &[]);
     assert_eq!(code, Some(0), "{r}");
     assert_eq!(r["compared"], 18 - too_long as u64);
@@ -528,7 +510,7 @@ fn a_rescored_file_verifies_against_the_models_own_outputs() {
     }
     // The new score is far from the model's: a verify against it would fail.
     let (new, original) = {
-        let df = read(&rescored);
+        let df = read_parquet(&rescored);
         let f = |c: &str| df.column(c).unwrap().f32().unwrap().get(0).unwrap();
         (f("score"), f("score_original"))
     };
@@ -541,7 +523,7 @@ fn a_rescored_file_verifies_against_the_models_own_outputs() {
 fn filtered_and_best_of_n_outputs_keep_the_provenance() {
     let dir = tempfile::tempdir().unwrap();
     let scored = scored_fixture(dir.path());
-    let source = metadata(&scored);
+    let source = parquet_metadata(&scored);
     let filtered = dir.path().join("filtered.parquet");
     let best = dir.path().join("best.parquet");
     let pairs = dir.path().join("pairs.parquet");
@@ -576,7 +558,7 @@ fn filtered_and_best_of_n_outputs_keep_the_provenance() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     for path in [&filtered, &best, &pairs] {
-        let meta = metadata(path);
+        let meta = parquet_metadata(path);
         for key in [
             "armorm.model",
             "armorm.model_hash",
