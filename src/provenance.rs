@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use polars::prelude::{ParquetReader, SerReader};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -166,26 +165,6 @@ impl Provenance {
             max_length: get(MAX_LENGTH),
         }
     }
-}
-
-/// A Parquet file's key-value metadata (empty for other formats, which have none).
-pub fn file_metadata(path: &str) -> Result<HashMap<String, String>, ProvenanceError> {
-    if crate::format::Format::of(path) != Some(crate::format::Format::Parquet) {
-        return Ok(HashMap::new());
-    }
-    let p = Path::new(path);
-    let file = File::open(p).map_err(|e| err(p, format!("cannot open: {e}")))?;
-    let mut reader = ParquetReader::new(file);
-    let meta = reader
-        .get_metadata()
-        .map_err(|e| err(p, format!("not a readable Parquet file: {e}")))?;
-    Ok(meta
-        .key_value_metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|kv| (kv.key, kv.value.unwrap_or_default()))
-        .collect())
 }
 
 #[cfg(test)]

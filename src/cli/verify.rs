@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use armorm::input::{self, InputFile, Location, MemoryRow, RowInput};
 use armorm::pipeline::Policy;
-use armorm::provenance::{self, Provenance};
+use armorm::provenance::Provenance;
 use armorm::rescore::METADATA_KEY as RESCORE_KEY;
+use armorm::table;
 use armorm::verify::{self, Columns, Comparison, Outputs, Sample};
 
 use super::score::Job;
@@ -122,7 +123,7 @@ struct Report {
 pub fn run(args: VerifyArgs) -> Result<()> {
     let file = one_file(&args.scored, args.run.quiet)?;
     let label = file.label.clone();
-    let metadata = provenance::file_metadata(&file.path)?;
+    let metadata: HashMap<String, String> = table::file_metadata(&file.path)?.into_iter().collect();
     let rescored = metadata.contains_key(RESCORE_KEY);
     let recorded = Provenance::from_metadata(&metadata);
     let model = model_args(&args, &recorded, &label)?;
