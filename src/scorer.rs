@@ -277,7 +277,8 @@ impl Scorer {
             for &(r, g) in batch {
                 rows.push(&encoded[r].ids[unit.groups[g].prefix..], g);
             }
-            let tokens = rows.padded_tokens() + prefixes.tokens();
+            let rows_tokens = rows.padded_tokens();
+            let tokens = rows_tokens + prefixes.tokens();
             let head = match self
                 .simulate_oom(tokens)
                 .and_then(|()| model.forward_continued(&prefixes, &rows))
@@ -294,7 +295,7 @@ impl Scorer {
             let lens: Vec<usize> = batch.iter().map(|&(r, _)| encoded[r].ids.len()).collect();
             let scored = self.unpack(&head, &lens)?.into_iter().map(finite);
             out.extend(batch.iter().map(|&(r, _)| r).zip(scored));
-            padded += rows.padded_tokens();
+            padded += rows_tokens;
             reused += batch
                 .iter()
                 .map(|&(_, g)| unit.groups[g].prefix)

@@ -19,6 +19,13 @@ pub struct Group {
     pub prefix: usize,
 }
 
+impl Group {
+    /// Tokens not computed thanks to sharing: the prefix once instead of once per row.
+    pub fn saved_tokens(&self) -> usize {
+        (self.rows.len() - 1) * self.prefix
+    }
+}
+
 /// Groups whose prefixes run in one pass and stay cached together while their rows' continuations
 /// run in `batches`: (row, its group's place in `groups`), each batch within the token budget together
 /// with the cache.
@@ -39,14 +46,6 @@ impl Unit {
     pub fn cached_tokens(&self) -> usize {
         self.groups.iter().map(|g| g.prefix).sum()
     }
-
-    /// Tokens not computed thanks to sharing: each prefix once instead of once per row.
-    pub fn saved_tokens(&self) -> usize {
-        self.groups
-            .iter()
-            .map(|g| (g.rows.len() - 1) * g.prefix)
-            .sum()
-    }
 }
 
 /// A window's work: rows run whole, in length-bucketed batches as without sharing, and shared units.
@@ -56,19 +55,13 @@ pub struct Plan {
     pub units: Vec<Unit>,
 }
 
-impl Plan {
-    pub fn saved_tokens(&self) -> usize {
-        self.units.iter().map(Unit::saved_tokens).sum()
-    }
-}
-
 /// Groups the rows by their prefix up to the end of the gating pattern (`pattern_len` ids from the
 /// gate) and plans the shared work within `budget` padded tokens per pass, cache included. A row
 /// whose prompt no other row has runs whole, as without sharing; so does everything when sharing would
 /// save less than one forward pass costs.
 pub fn plan(rows: &[&Encoded], pattern_len: usize, budget: usize) -> Plan {
     let (groups, plain) = group(rows, pattern_len);
-    let saved: usize = groups.iter().map(|g| (g.rows.len() - 1) * g.prefix).sum();
+    let saved: usize = groups.iter().map(Group::saved_tokens).sum();
     if saved < BATCH_OVERHEAD_TOKENS {
         return Plan {
             plain: (0..rows.len()).collect(),
@@ -184,7 +177,8 @@ mod tests {
             .map(|g| (g.rows.clone(), g.prefix))
             .collect();
         assert_eq!(groups, [(vec![1, 4], 42), (vec![0, 3, 5], 62)]);
-        assert_eq!(plan.saved_tokens(), 42 + 2 * 62);
+        let saved: usize = unit.groups.iter().map(Group::saved_tokens).sum();
+        assert_eq!(saved, 42 + 2 * 62);
         let mut all: Vec<(usize, usize)> = unit.batches.concat();
         all.sort();
         assert_eq!(all, [(0, 1), (1, 0), (3, 1), (4, 0), (5, 1)]);
@@ -248,6 +242,6 @@ mod tests {
         let plan = plan(&refs, 2, 320);
         assert_eq!(plan.units.len(), 1);
         assert_eq!(plan.units[0].batches.len(), 3);
-        assert_eq!(plan.saved_tokens(), 600);
+        assert_eq!(plan.units[0].groups[0].saved_tokens(), 600);
     }
 }

@@ -65,8 +65,10 @@ impl Layout {
         let pos_of = |i: usize| cached[row_of(i)] + i - cu_lens[row_of(i)];
 
         let (to_padded, to_flat) = query_grid(cu_lens, tq);
+        let to_padded = Tensor::from_vec(to_padded, b * tq, dev)?;
+        // Without a cache the key grid is the query grid: one index, copied to the device once.
         let keys_to_padded = match past {
-            Some(p) => key_grid(cu_lens, &p.cache.cu_lens, p.of, t),
+            Some(p) => Tensor::from_vec(key_grid(cu_lens, &p.cache.cu_lens, p.of, t), b * t, dev)?,
             None => to_padded.clone(),
         };
         let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
@@ -97,8 +99,8 @@ impl Layout {
             t,
             max_past,
             picks: picks.to_vec(),
-            to_padded: Tensor::from_vec(to_padded, b * tq, dev)?,
-            keys_to_padded: Tensor::from_vec(keys_to_padded, b * t, dev)?,
+            to_padded,
+            keys_to_padded,
             to_flat: Tensor::from_vec(to_flat, n, dev)?,
             pick_index: Tensor::from_vec(
                 picks.iter().map(|&i| i as u32).collect::<Vec<_>>(),
