@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds target/release/armorm-cuda with candle's CUDA backend on a machine without a GPU: the toolkit
-# (nvcc, headers, libraries) comes from PyPI's NVIDIA wheels. CUDA_COMPUTE_CAP defaults to 90 (H100/H200).
+# Builds target/release/armorm-cuda with candle's CUDA backend and flash attention on a machine without a
+# GPU: the toolkit (nvcc, headers, libraries) comes from PyPI's NVIDIA wheels, CUTLASS (for flash
+# attention's kernels) from ../shared/cutlass. CUDA_COMPUTE_CAP defaults to 90 (H100/H200);
+# FEATURES=cuda builds without flash attention.
 # The binary needs libcuda.so.1 (the driver), libcublas.so.13, libcurand.so.10 and libcudart.so.13 where it
 # runs: PyTorch's CUDA 13 wheels carry the last three (scripts/gpu-check.sh puts them on LD_LIBRARY_PATH).
 set -euo pipefail
@@ -26,10 +28,17 @@ mkdir -p "$C/lib/stubs"
 sed 's/.*/void &(void) {}/' scripts/cuda/libcuda-symbols.txt > "$C/lib/stubs/libcuda-stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$C/lib/stubs/libcuda-stub.c"
 
+features=${FEATURES:-cuda,flash-attn}
+# candle-flash-attn's build helper clones CUTLASS from GitHub unless a checkout of the pinned commit is
+# cached where it looks: put one there from ../shared (no network).
+case "$features" in
+  *flash-attn*) bash ../shared/cutlass/install.sh ;;
+esac
+
 # LIBRARY_PATH (not RUSTFLAGS) points the linker at them, so the default build's artifacts stay valid.
 PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" \
   LIBRARY_PATH="$C/lib:$C/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}" \
-  cargo build --release --features cuda
+  cargo build --release --features "$features"
 cp target/release/armorm target/release/armorm-cuda
 cargo build --release
 echo "built target/release/armorm-cuda"
