@@ -7,21 +7,25 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   compile  the first armorm run against a fresh CUDA JIT cache, then a second one on the filled cache:
            the difference is the PTX compile a fresh node pays (a warm-up run happens even when skipped,
            so that no timing below includes it);
-  short    armorm bf16 on 1,024 rows of ~265 tokens (the issue's first case);
+  short    armorm bf16 on 1,024 rows of ~265 tokens (the issue's first case), with --attention flash
+           (the default of these runs; --attention blocked or auto for a build without flash-attn);
   long     armorm bf16 on 32 rows of 3,000-6,200 tokens (the issue's second case);
   profile  one more armorm run of each case, smaller, with ARMORM_PROFILE=1: where the time goes;
   parity   armorm f32 against transformers f32 on a few short and a few long rows, and transformers f32
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
            compared against the fastest;
+  blocked  armorm bf16 with --attention blocked (the padded matmul attention from before flash attention)
+           on both cases: flash attention's gain on the same card in the same run, and the largest score
+           difference between the two;
   best-of-8 (opt-in, --best-of-8) 64 prompts of ~500 tokens with 8 answers of ~150 each, rows shuffled
            (the set of scripts/bench.py): armorm with prefix sharing (issue 12) against armorm with
            --prefix-sharing off (goal >= 2.5x) and transformers' sorted batches; scores compared.
 
 Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
 version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
-armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), transformers f32 25; about
-5.5 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), armorm blocked 45 (the
+issue's own rates), transformers f32 25; about 6.5 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -64,7 +68,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "parity", "sweep", "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "parity", "sweep", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
 
@@ -278,16 +282,20 @@ def matmul_tflops(device, dtype):
 class Armorm:
     """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
 
-    def __init__(self, binary, model_dir, device, budget, work: Path):
+    def __init__(self, binary, model_dir, device, budget, attention, work: Path):
         self.binary, self.model_dir, self.device, self.budget = str(binary), model_dir, device, budget
+        self.attention = attention
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
 
     def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=()):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
+            # f32 has no flash kernels: auto picks blocked attention there.
+            attention = self.attention if dtype != "f32" else "auto"
             cmd = [self.binary, "score", str(data), "--model", str(self.model_dir), "-o", str(out),
-                   "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget), *extra]
+                   "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget),
+                   "--attention", attention, *extra]
             full_env = {**os.environ, "CUDA_CACHE_PATH": str(self.cache),
                         "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
             sampler = GpuSampler() if sample_gpu else None
@@ -418,7 +426,7 @@ class Check:
             self.res["gpu"] = dict(name=torch.cuda.get_device_name(), free_gib=free / 2 ** 30,
                                    total_gib=total / 2 ** 30)
         self.armorm = Armorm(a.armorm, self.model_dir, "cuda:0" if self.device.type == "cuda" else "cpu",
-                             a.max_batch_tokens, self.work)
+                             a.max_batch_tokens, a.attention, self.work)
 
     # -- armorm phases
 
@@ -434,6 +442,11 @@ class Check:
             log(f"first run {first['wall']:.1f} s, second {second['wall']:.1f} s: compile ~{c['compile_s']:.1f} s; "
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
+
+    def blocked(self):
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, "armorm_blocked", ("--attention", "blocked"))
 
     def armorm_case(self, case, label=None, extra=()):
         r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra)
@@ -548,6 +561,8 @@ class Check:
             self.timed("armorm f32", self.armorm_f32)
         if self.on("sweep"):
             self.timed("transformers bf16", self.sweep)
+        if self.on("blocked"):
+            self.timed("armorm blocked", self.blocked)
         if self.on("best-of-8"):
             best_short = self.res.get("tf_bf16", {}).get("short", {}).get("best")
             sizes = [best_short] if best_short else self.args.tf_batch_sizes
@@ -595,7 +610,14 @@ class Check:
             best = min(tf["runs"].values()) if tf else None
             rows = []
             if arm:
-                rows.append((f"armorm bf16 (budget {self.args.max_batch_tokens})", arm["seconds"]))
+                rows.append((f"armorm bf16 {self.args.attention} (budget {self.args.max_batch_tokens})",
+                             arm["seconds"]))
+            blocked = res.get("armorm_blocked", {}).get(case)
+            if arm and blocked:
+                rows.append(("armorm bf16 --attention blocked", blocked["seconds"]))
+                diff = max(abs(arm["scores"][i] - blocked["scores"][i]) for i in arm["scores"])
+                p(f"{case:10} armorm {self.args.attention} vs blocked (bf16): max |score diff| {diff:.2e}, "
+                  f"{blocked['seconds'] / arm['seconds']:.2f}x faster")
             off = res.get("armorm_unshared", {}).get(case)
             if arm and off:
                 rows.append(("armorm bf16 --prefix-sharing off", off["seconds"]))
@@ -673,7 +695,9 @@ def main():
     ap.add_argument("--tf-batch-sizes", type=ints, default=[8, 16, 32, 64])
     ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8])
     ap.add_argument("--f32-batch-size", type=int, default=32, help="transformers f32 on the accuracy rows")
-    ap.add_argument("--max-batch-tokens", type=int, default=32768, help="armorm's token budget")
+    ap.add_argument("--max-batch-tokens", default="auto", help="armorm's token budget (a number or auto)")
+    ap.add_argument("--attention", default="flash", choices=["flash", "blocked", "auto"],
+                    help="armorm's --attention in the bf16 runs (flash needs a flash-attn build)")
     ap.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help=f"comma-separated phases to skip, of {','.join(PHASES)}")
     ap.add_argument("--best-of-8", action="store_true", help="also the best-of-8 case (for issue 12)")

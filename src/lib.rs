@@ -2,7 +2,8 @@
 //!
 //! The layers, from the tensors up:
 //! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
-//!   `rope`), built from a checkpoint by `loader`.
+//!   `rope`, `layout` and `varlen`: padded blocked attention or flat flash attention), built from a
+//!   checkpoint by `loader`; `budget` (the default token budget per forward pass).
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
 //!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a
 //!   prompt: the prefix run once, its keys and values cached), `scorer` (runs a window of encoded rows
@@ -34,6 +35,7 @@
 extern crate intel_mkl_src;
 
 pub mod batch;
+pub mod budget;
 pub mod chat;
 pub mod checkpoint;
 pub mod encoder;

@@ -9,7 +9,7 @@ use hf_hub::{Repo, RepoType};
 
 use crate::encoder::{Encoder, EncoderError};
 use crate::hub;
-use crate::model::{ArmoRM, ArmoRMConfig};
+use crate::model::{flash_unsupported, ArmoRM, ArmoRMConfig, AttentionKind};
 
 pub const DEFAULT_MODEL: &str = "RLHFlow/ArmoRM-Llama3-8B-v0.1";
 const INDEX: &str = "model.safetensors.index.json";
@@ -235,6 +235,31 @@ pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
         "f16" => Ok(DType::F16),
         other => Err(LoadError::Device(format!(
             "bad dtype {other:?}: expected auto, f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// `--attention`: auto (flash where it can run, else blocked), flash (refused where it cannot run, with
+/// the reason) or blocked; `varlen-reference` (hidden) runs flash attention's flat layout with matmuls
+/// anywhere, for tests.
+pub fn attention(
+    spec: &str,
+    device: &Device,
+    dtype: DType,
+    head_dim: usize,
+) -> Result<AttentionKind, LoadError> {
+    match spec {
+        "auto" => Ok(AttentionKind::auto(device, dtype, head_dim)),
+        "blocked" => Ok(AttentionKind::Blocked),
+        "varlen-reference" => Ok(AttentionKind::VarlenReference),
+        "flash" => match flash_unsupported(device, dtype, head_dim) {
+            None => Ok(AttentionKind::Flash),
+            Some(why) => Err(LoadError::Device(format!(
+                "--attention flash: {why}; use --attention blocked (or auto)"
+            ))),
+        },
+        other => Err(LoadError::Device(format!(
+            "bad attention {other:?}: expected auto, flash or blocked"
         ))),
     }
 }

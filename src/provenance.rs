@@ -22,6 +22,7 @@ pub const VERSION: &str = "armorm.version";
 pub const DEVICE: &str = "armorm.device";
 pub const DTYPE: &str = "armorm.dtype";
 pub const MAX_LENGTH: &str = "armorm.max_length";
+pub const ATTENTION: &str = "armorm.attention";
 
 /// A safetensors header is JSON of a few hundred KB; the format itself caps it at 100 MB, so a larger
 /// length means the file is not safetensors.
@@ -129,6 +130,8 @@ pub struct Provenance {
     pub dtype: String,
     /// The `--max-length` the rows were encoded under.
     pub max_length: String,
+    /// How attention was computed: `blocked` or `flash` (bf16 scores differ between them by rounding).
+    pub attention: String,
 }
 
 impl Provenance {
@@ -144,6 +147,7 @@ impl Provenance {
             (DEVICE, &self.device),
             (DTYPE, &self.dtype),
             (MAX_LENGTH, &self.max_length),
+            (ATTENTION, &self.attention),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
@@ -163,6 +167,7 @@ impl Provenance {
             device: get(DEVICE),
             dtype: get(DTYPE),
             max_length: get(MAX_LENGTH),
+            attention: get(ATTENTION),
         }
     }
 }

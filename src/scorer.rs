@@ -258,7 +258,7 @@ impl Scorer {
             heads.push(&first.ids[..g.prefix], first.gate);
         }
         let started = self.profile.as_ref().map(|_| Instant::now());
-        let mut padded = heads.padded_tokens();
+        let mut padded = self.computed(heads.padded_tokens(), heads.ids.len());
         let prefixes = match self
             .simulate_oom(padded)
             .and_then(|()| model.forward_prefixes(&heads))
@@ -277,7 +277,7 @@ impl Scorer {
             for &(r, g) in batch {
                 rows.push(&encoded[r].ids[unit.groups[g].prefix..], g);
             }
-            let rows_tokens = rows.padded_tokens();
+            let rows_tokens = self.computed(rows.padded_tokens(), rows.ids.len());
             let tokens = rows_tokens + prefixes.tokens();
             let head = match self
                 .simulate_oom(tokens)
@@ -347,7 +347,7 @@ impl Scorer {
         for &i in rows {
             flat.push(&encoded[i].ids, encoded[i].gate);
         }
-        let tokens = flat.padded_tokens();
+        let tokens = self.computed(flat.padded_tokens(), flat.ids.len());
         let started = self.profile.as_ref().map(|_| Instant::now());
         match self.forward(model, &flat) {
             Ok(head) => {
@@ -380,6 +380,20 @@ impl Scorer {
     fn forward(&self, model: &ArmoRM, flat: &FlatBatch) -> candle_core::Result<HeadOutput> {
         self.simulate_oom(flat.padded_tokens())?;
         model.forward(flat)
+    }
+
+    /// Tokens a pass computes: padded ones under blocked attention, the rows' own under flat
+    /// (variable-length) attention, which pads nothing.
+    fn computed(&self, padded: usize, tokens: usize) -> usize {
+        let flat = self
+            .models
+            .first()
+            .is_some_and(|m| m.attention().is_varlen());
+        if flat {
+            tokens
+        } else {
+            padded
+        }
     }
 
     fn simulate_oom(&self, tokens: usize) -> candle_core::Result<()> {

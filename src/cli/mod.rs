@@ -13,11 +13,12 @@ pub mod verify;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use armorm::budget::{self, BatchTokens};
 use armorm::input::{
     ColumnNames, DEFAULT_MAX_LINE_BYTES, MESSAGES_COLUMN, PROMPT_COLUMN, RESPONSE_COLUMN,
 };
 use armorm::loader::{self, ModelFiles, DEFAULT_MODEL};
-use armorm::model::{ArmoRMConfig, Profile};
+use armorm::model::{ArmoRM, ArmoRMConfig, AttentionKind, Profile};
 use armorm::pipeline::EncodeStage;
 use armorm::provenance::{self, Provenance};
 use armorm::scorer::Scorer;
@@ -82,14 +83,18 @@ pub struct ModelArgs {
     /// Compute dtype of the backbone: auto is bf16 on GPU and f32 on CPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
     dtype: String,
-    /// Padded tokens per forward pass (rows × longest row), cached prompts included. Results do not
-    /// depend on it.
-    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
-    max_batch_tokens: u64,
+    /// Padded tokens per forward pass (rows × longest row), cached prompts included; auto: 16384 on
+    /// the CPU, from the free memory on a GPU (at most 65536). Results do not depend on it.
+    #[arg(long, default_value = "auto")]
+    max_batch_tokens: BatchTokens,
     /// auto: rows of a window with the same prompt (up to the assistant header) run it once and
     /// reuse its keys and values; off: every row runs whole. Results do not depend on it.
     #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
     prefix_sharing: String,
+    /// auto: flash attention where it can run (a flash-attn build, CUDA, bf16/f16, head dim 128), else
+    /// blocked; flash: refused where it cannot run; blocked: padded causal attention in query blocks.
+    #[arg(long, default_value = "auto", value_parser = attention_values())]
+    attention: String,
     /// Longest conversation accepted, in tokens [default: the model's max_position_embeddings].
     #[arg(long)]
     max_length: Option<usize>,
@@ -132,14 +137,27 @@ impl ModelArgs {
         let dtype = loader::dtype(&self.dtype, &devices[0])?;
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
+        let mut attention = AttentionKind::Blocked;
         for device in devices {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
+            attention = loader::attention(&self.attention, device, dtype, config.head_dim())?;
+            let model = model.with_attention(attention);
+            if attention == AttentionKind::Flash {
+                check_flash(&model, device)?;
+            }
             models.push(model);
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
-        let mut scorer = Scorer::new(models, self.max_batch_tokens as usize).with_lanes(lanes);
+        let budget = match self.max_batch_tokens {
+            BatchTokens::Fixed(n) => n,
+            BatchTokens::Auto => budget::auto(
+                devices.iter().filter_map(budget::free_memory).min(),
+                budget::bytes_per_token(&config, dtype, attention),
+            ),
+        };
+        let mut scorer = Scorer::new(models, budget).with_lanes(lanes);
         if self.prefix_sharing == "auto" {
             scorer = scorer.with_prefix_sharing(encoder.gating_pattern().len());
         }
@@ -161,6 +179,7 @@ impl ModelArgs {
                 .join(","),
             dtype: format!("{dtype:?}").to_lowercase(),
             max_length: max_length.to_string(),
+            attention: attention.name().into(),
         };
         Ok(Loaded {
             encode: EncodeStage {
@@ -189,6 +208,39 @@ impl ModelArgs {
             Some(n) => Ok(n),
         }
     }
+}
+
+/// `--attention`'s values; `varlen-reference` (flash attention's flat layout computed with matmuls,
+/// slow, on any device) is for tests and not listed.
+fn attention_values() -> clap::builder::PossibleValuesParser {
+    use clap::builder::PossibleValue;
+    clap::builder::PossibleValuesParser::new([
+        PossibleValue::new("auto"),
+        PossibleValue::new("flash"),
+        PossibleValue::new("blocked"),
+        PossibleValue::new("varlen-reference").hide(true),
+    ])
+}
+
+/// Largest difference flash attention may show against the f32-softmax reference on the self-check's
+/// random bf16/f16 rows (outputs of magnitude ~1). Rounding gives ~1e-2; a kernel that did not run
+/// leaves uninitialized memory, far beyond it.
+const FLASH_SELF_CHECK_TOLERANCE: f32 = 5e-2;
+
+/// Refuses flash attention whose kernels do not compute what the reference does on this device.
+fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
+    let diff = model
+        .flash_self_check()
+        .with_context(|| format!("flash attention self-check on {}", device_name(device)))?;
+    if diff > FLASH_SELF_CHECK_TOLERANCE {
+        anyhow::bail!(
+            "flash attention on {} differs from the reference by {diff} on random rows (allowed \
+             {FLASH_SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device; use \
+             --attention blocked",
+            device_name(device)
+        );
+    }
+    Ok(())
 }
 
 /// `cpu`, `cuda:N` or `metal:N`, as `--device` names it.

@@ -56,9 +56,9 @@ pub struct VerifyArgs {
     /// Compute dtype of the re-scoring.
     #[arg(long, default_value = "f32", value_parser = ["auto", "f32", "bf16", "f16"])]
     dtype: String,
-    /// Padded tokens per forward pass. Results do not depend on it.
-    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
-    max_batch_tokens: u64,
+    /// Padded tokens per forward pass (auto: as for score). Results do not depend on it.
+    #[arg(long, default_value = "auto")]
+    max_batch_tokens: armorm::budget::BatchTokens,
     /// Longest conversation, in tokens; rows are truncated as the file's were
     /// [default: the file's armorm.max_length, else the model's max_position_embeddings]
     #[arg(long)]
@@ -216,6 +216,9 @@ fn model_args(args: &VerifyArgs, recorded: &Provenance, label: &str) -> Result<M
         max_batch_tokens: args.max_batch_tokens,
         // Results do not depend on it (tests/integration/sharing.rs).
         prefix_sharing: "auto".into(),
+        // Blocked on the CPU in f32 (the default --device and --dtype); flash where the user asked
+        // for a GPU in bf16/f16.
+        attention: "auto".into(),
         max_length: args.max_length.or(recorded_length),
         // The file was scored at that length already: re-scoring it reproduces, not extends, it.
         allow_beyond_max_positions: args.allow_beyond_max_positions

@@ -1,46 +1,61 @@
 //! Where each token of a flat batch sits in the padded grids attention works on, with or without
-//! cached prefixes: gather indices, RoPE positions and the additive masks, built once per batch.
+//! cached prefixes: RoPE positions, and the padded grids and masks of blocked attention or the
+//! cumulative lengths of variable-length attention, built once per batch.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::llama::Past;
 use super::profile::Timer;
 use super::rope;
+use super::varlen::{AttentionKind, Varlen};
 
 /// Where each token of a flat batch sits, built once per batch and shared by every layer.
 ///
-/// Row r has `past[r]` cached tokens (0 without a cache) and `n[r]` new ones. Queries are the new tokens,
-/// padded to (b, tq), tq = max n; keys and values are the cached tokens followed by the new ones, padded
-/// to (b, t), t = max(past + n). Without a cache the two grids are the same.
+/// Row r has `past[r]` cached tokens (0 without a cache) and `n[r]` new ones. Blocked attention pads
+/// them (`Grid::Padded`); variable-length attention keeps them flat (`Grid::Varlen`).
 pub(super) struct Layout {
     /// The compute dtype of the blocks' matmuls.
     pub(super) dtype: DType,
     pub(super) b: usize,
-    pub(super) tq: usize,
-    pub(super) t: usize,
-    /// The most cached tokens of any row.
-    pub(super) max_past: usize,
     pub(super) picks: Vec<usize>,
-    /// For each slot of the padded (b, tq) query grid, the flat new token it holds (padding repeats
-    /// token 0).
-    pub(super) to_padded: Tensor,
-    /// For each slot of the padded (b, t) key grid, its token in [cached tokens; new tokens].
-    pub(super) keys_to_padded: Tensor,
-    /// For each flat new token, its slot in the padded query grid.
-    pub(super) to_flat: Tensor,
     pub(super) pick_index: Tensor,
     pub(super) cos: Tensor, // (n, d/2)
     pub(super) sin: Tensor,
     pub(super) pick_cos: Tensor, // (p, d/2)
     pub(super) pick_sin: Tensor,
+    pub(super) attention: AttentionKind,
+    pub(super) grid: Grid,
+    /// The model's timer (off unless a profile is on).
+    pub(super) timer: Timer,
+}
+
+pub(super) enum Grid {
+    Padded(Padded),
+    Varlen(Varlen),
+}
+
+/// Queries are the new tokens, padded to (b, tq), tq = max n; keys and values are the cached tokens
+/// followed by the new ones, padded to (b, t), t = max(past + n). Without a cache the two grids are
+/// the same.
+pub(super) struct Padded {
+    b: usize,
+    pub(super) tq: usize,
+    pub(super) t: usize,
+    /// The most cached tokens of any row.
+    pub(super) max_past: usize,
+    /// For each slot of the padded (b, tq) query grid, the flat new token it holds (padding repeats
+    /// token 0).
+    to_padded: Tensor,
+    /// For each slot of the padded (b, t) key grid, its token in [cached tokens; new tokens].
+    keys_to_padded: Tensor,
+    /// For each flat new token, its slot in the padded query grid.
+    to_flat: Tensor,
     /// Additive causal mask (1, 1, 1, t, t) without a cache, (b, 1, 1, tq, t) with one: query j of row r
     /// sees the keys up to its position, past[r] + j. With right padding that is all that is needed: a
     /// real token never sees a later position, and every padding slot comes after the row's last token.
     pub(super) causal: Tensor,
     /// (b, 1, 1, per_row, t): each picked query sees the keys up to its own position.
     pub(super) pick_mask: Tensor,
-    /// The model's timer (off unless a profile is on).
-    pub(super) timer: Timer,
 }
 
 impl Layout {
@@ -49,59 +64,47 @@ impl Layout {
         picks: &[usize],
         past: Option<Past>,
         inv_freq: &[f32],
-        dtype: DType,
+        (dtype, attention): (DType, AttentionKind),
         dev: &Device,
     ) -> Result<Self> {
         let b = cu_lens.len() - 1;
-        let lens: Vec<usize> = cu_lens.windows(2).map(|w| w[1] - w[0]).collect();
         let cached: Vec<usize> = match past {
             Some(p) => p.of.iter().map(|&c| p.cache.len_of(c)).collect(),
             None => vec![0; b],
         };
-        let tq = lens.iter().copied().max().unwrap_or(0);
-        let t = (0..b).map(|r| cached[r] + lens[r]).max().unwrap_or(0);
-        let max_past = cached.iter().copied().max().unwrap_or(0);
+        let t = (0..b)
+            .map(|r| cached[r] + cu_lens[r + 1] - cu_lens[r])
+            .max()
+            .unwrap_or(0);
         let row_of = |i: usize| cu_lens.partition_point(|&c| c <= i) - 1;
         let pos_of = |i: usize| cached[row_of(i)] + i - cu_lens[row_of(i)];
+        debug_assert!(picks
+            .iter()
+            .enumerate()
+            .all(|(k, &i)| row_of(i) == k % b.max(1)));
 
-        let (to_padded, to_flat) = query_grid(cu_lens, tq);
-        let to_padded = Tensor::from_vec(to_padded, b * tq, dev)?;
-        // Without a cache the key grid is the query grid: one index, copied to the device once.
-        let keys_to_padded = match past {
-            Some(p) => Tensor::from_vec(key_grid(cu_lens, &p.cache.cu_lens, p.of, t), b * t, dev)?,
-            None => to_padded.clone(),
-        };
         let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
         let pick_positions: Vec<u32> = picks.iter().map(|&i| pos_of(i) as u32).collect();
         let (cos_t, sin_t) = rope::tables(inv_freq, t, dtype, dev)?; // (t, d/2)
         let gather = |table: &Tensor, idx: &[u32]| {
             table.index_select(&Tensor::from_slice(idx, idx.len(), dev)?, 0)
         };
-
-        let per_row = picks.len() / b.max(1);
-        let mut pick_mask = vec![f32::NEG_INFINITY; b * per_row * t];
-        for (k, &i) in picks.iter().enumerate() {
-            let (slot, r) = (k / b, k % b);
-            debug_assert_eq!(row_of(i), r, "picks must be grouped by kind, rows in order");
-            for j in 0..=pos_of(i) {
-                pick_mask[(r * per_row + slot) * t + j] = 0.0;
-            }
-        }
-        let causal = match past {
-            None => Tensor::from_vec(causal_mask(&[0], t, t), (1, 1, 1, t, t), dev)?,
-            Some(_) => Tensor::from_vec(causal_mask(&cached, tq, t), (b, 1, 1, tq, t), dev)?,
+        let pick_positions_in_row: Vec<usize> = picks.iter().map(|&i| pos_of(i)).collect();
+        let grid = if attention.is_varlen() {
+            Grid::Varlen(Varlen::new(cu_lens, past, dev)?)
+        } else {
+            Grid::Padded(Padded::new(
+                cu_lens,
+                &pick_positions_in_row,
+                past,
+                &cached,
+                dev,
+            )?)
         };
-        let n = cu_lens[b];
         Ok(Self {
             dtype,
             b,
-            tq,
-            t,
-            max_past,
             picks: picks.to_vec(),
-            to_padded,
-            keys_to_padded,
-            to_flat: Tensor::from_vec(to_flat, n, dev)?,
             pick_index: Tensor::from_vec(
                 picks.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 picks.len(),
@@ -111,9 +114,54 @@ impl Layout {
             sin: gather(&sin_t, &positions)?,
             pick_cos: gather(&cos_t, &pick_positions)?,
             pick_sin: gather(&sin_t, &pick_positions)?,
+            attention,
+            grid,
+            timer: Timer::default(),
+        })
+    }
+}
+
+impl Padded {
+    /// `pick_positions`: each pick's position in its row (cached tokens counted); picks are grouped
+    /// by kind, rows in order (pick k belongs to row k mod b).
+    fn new(
+        cu_lens: &[usize],
+        pick_positions: &[usize],
+        past: Option<Past>,
+        cached: &[usize],
+        dev: &Device,
+    ) -> Result<Self> {
+        let b = cu_lens.len() - 1;
+        let lens: Vec<usize> = cu_lens.windows(2).map(|w| w[1] - w[0]).collect();
+        let tq = lens.iter().copied().max().unwrap_or(0);
+        let t = (0..b).map(|r| cached[r] + lens[r]).max().unwrap_or(0);
+        let (to_padded, to_flat) = query_grid(cu_lens, tq);
+        let to_padded = Tensor::from_vec(to_padded, b * tq, dev)?;
+        // Without a cache the key grid is the query grid: one index, copied to the device once.
+        let keys_to_padded = match past {
+            Some(p) => Tensor::from_vec(key_grid(cu_lens, &p.cache.cu_lens, p.of, t), b * t, dev)?,
+            None => to_padded.clone(),
+        };
+        let per_row = pick_positions.len() / b.max(1);
+        let mut pick_mask = vec![f32::NEG_INFINITY; b * per_row * t];
+        for (k, &pos) in pick_positions.iter().enumerate() {
+            let (slot, r) = (k / b, k % b);
+            pick_mask[(r * per_row + slot) * t..][..=pos].fill(0.0);
+        }
+        let causal = match past {
+            None => Tensor::from_vec(causal_mask(&[0], t, t), (1, 1, 1, t, t), dev)?,
+            Some(_) => Tensor::from_vec(causal_mask(cached, tq, t), (b, 1, 1, tq, t), dev)?,
+        };
+        Ok(Self {
+            b,
+            tq,
+            t,
+            max_past: cached.iter().copied().max().unwrap_or(0),
+            to_padded,
+            keys_to_padded,
+            to_flat: Tensor::from_vec(to_flat, cu_lens[b], dev)?,
             causal,
             pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
-            timer: Timer::default(),
         })
     }
 
@@ -206,19 +254,22 @@ mod tests {
             &[1, 4, 0, 2],
             None,
             &[1.0],
-            DType::F32,
+            (DType::F32, AttentionKind::Blocked),
             &Device::Cpu,
         )
         .unwrap();
-        assert_eq!((lay.b, lay.t), (2, 3));
-        assert_eq!(lay.to_padded.to_vec1::<u32>().unwrap(), [0, 1, 0, 2, 3, 4]);
-        assert_eq!(lay.to_flat.to_vec1::<u32>().unwrap(), [0, 1, 3, 4, 5]);
+        let Grid::Padded(grid) = &lay.grid else {
+            panic!("blocked attention pads")
+        };
+        assert_eq!((lay.b, grid.t), (2, 3));
+        assert_eq!(grid.to_padded.to_vec1::<u32>().unwrap(), [0, 1, 0, 2, 3, 4]);
+        assert_eq!(grid.to_flat.to_vec1::<u32>().unwrap(), [0, 1, 3, 4, 5]);
         // Positions restart at 0 in each row: cos(pos · 1.0).
         let cos: Vec<f32> = lay.cos.flatten_all().unwrap().to_vec1().unwrap();
         let want: Vec<f32> = [0., 1., 0., 1., 2.].iter().map(|p: &f32| p.cos()).collect();
         assert_eq!(cos, want);
         // Row 0's last token (position 1) sees keys 0..=1; row 1's gate (position 0) sees key 0 only.
-        let m: Vec<f32> = lay.pick_mask.flatten_all().unwrap().to_vec1().unwrap();
+        let m: Vec<f32> = grid.pick_mask.flatten_all().unwrap().to_vec1().unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(&m[0..3], &[0., 0., inf]);
         assert_eq!(&m[9..12], &[0., inf, inf]);

@@ -6,9 +6,10 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::ArmoRMConfig;
-use super::layout::Layout;
+use super::layout::{Grid, Layout, Padded};
 use super::profile::{Section, Timer};
 use super::rope;
+use super::varlen::{AttentionKind, Varlen};
 
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -36,7 +37,7 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
 
 /// Queries per block of causal attention: small enough that skipping the keys after a block saves
 /// most of the masked half, large enough to keep the GEMMs efficient.
-const QUERY_BLOCK: usize = 256;
+pub const QUERY_BLOCK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -68,16 +69,10 @@ impl Attention {
     /// new tokens (flat) for a cache.
     fn forward(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
-        let q = tm.time(Section::Qkv, || self.q_proj.forward(xs))?;
-        let q = tm.time(Section::Rope, move || {
-            self.rope(&q, self.num_heads, &lay.cos, &lay.sin)
-        })?; // (n, nh·d)
-        let (kv, k, v) = self.keys_values(xs, lay, past)?; // (b, nkv, t, d)
-        let q = tm.time(Section::Gather, move || {
-            lay.pad_queries(&q, self.num_heads, self.head_dim)
-        })?; // (b, nh, tq, d)
-        let out = self.attend_causal(&q, &k, &v, lay)?; // (b, nh, tq, d)
-        let out = tm.time(Section::Gather, move || lay.unpad(&out))?; // (n, nh·d)
+        let (out, kv) = match &lay.grid {
+            Grid::Padded(grid) => self.attend_padded(xs, lay, grid, past)?,
+            Grid::Varlen(grid) => self.attend_flat(xs, lay, grid, past)?,
+        }; // (n, nh·d)
         Ok((
             tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
             kv,
@@ -94,11 +89,62 @@ impl Attention {
         past: Option<&Kv>,
     ) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
+        let (out, kv) = match &lay.grid {
+            Grid::Padded(grid) => self.attend_picked(xs, picked, lay, grid, past)?,
+            // A pick that is not a row's last token (the gate) is no query suffix a varlen kernel
+            // can take alone: attend at every token, keep the picks. One layer's queries, a few %.
+            Grid::Varlen(grid) => {
+                let (out, kv) = self.attend_flat(xs, lay, grid, past)?;
+                let out = tm.time(Section::Gather, move || {
+                    out.index_select(&lay.pick_index, 0)
+                })?;
+                (out, kv)
+            }
+        }; // (p, nh·d)
+        Ok((
+            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
+            kv,
+        ))
+    }
+
+    /// Attention of padded queries at every token: (n, h) -> (n, nh·d), and the new keys and values.
+    fn attend_padded(
+        &self,
+        xs: &Tensor,
+        lay: &Layout,
+        grid: &Padded,
+        past: Option<&Kv>,
+    ) -> Result<(Tensor, Kv)> {
+        let tm = &lay.timer;
+        let q = tm.time(Section::Qkv, || self.q_proj.forward(xs))?;
+        let q = tm.time(Section::Rope, move || {
+            self.rope(&q, self.num_heads, &lay.cos, &lay.sin)
+        })?; // (n, nh·d)
+        let kv = self.keys_values(xs, lay)?;
+        let (k, v) = self.padded_keys_values(&kv, grid, past, tm)?; // (b, nkv, t, d)
+        let q = tm.time(Section::Gather, move || {
+            grid.pad_queries(&q, self.num_heads, self.head_dim)
+        })?; // (b, nh, tq, d)
+        let out = self.attend_causal(&q, &k, &v, grid, tm)?; // (b, nh, tq, d)
+        Ok((tm.time(Section::Gather, move || grid.unpad(&out))?, kv))
+    }
+
+    /// Attention of the picked queries alone: (n, h) -> (p, nh·d), and the new keys and values.
+    fn attend_picked(
+        &self,
+        xs: &Tensor,
+        picked: &Tensor,
+        lay: &Layout,
+        grid: &Padded,
+        past: Option<&Kv>,
+    ) -> Result<(Tensor, Kv)> {
+        let tm = &lay.timer;
         let q = tm.time(Section::Qkv, || self.q_proj.forward(picked))?;
         let q = tm.time(Section::Rope, move || {
             self.rope(&q, self.num_heads, &lay.pick_cos, &lay.pick_sin)
         })?; // (p, nh·d)
-        let (kv, k, v) = self.keys_values(xs, lay, past)?; // (b, nkv, t, d)
+        let kv = self.keys_values(xs, lay)?;
+        let (k, v) = self.padded_keys_values(&kv, grid, past, tm)?; // (b, nkv, t, d)
         let per_row = lay.picks.len() / lay.b;
         // Picks are grouped by kind (all last tokens, then all gates): (per_row, b, nh, d) -> (b, nh, per_row, d).
         let q = tm.time(Section::Gather, move || {
@@ -106,44 +152,72 @@ impl Attention {
                 .permute((1, 2, 0, 3))?
                 .contiguous()
         })?;
-        let out = self.attend(&q, &k, &v, &lay.pick_mask, tm)?; // (b, nh, per_row, d)
+        let out = self.attend(&q, &k, &v, &grid.pick_mask, tm)?; // (b, nh, per_row, d)
         let out = tm.time(Section::Gather, move || {
             out.permute((2, 0, 1, 3))?
                 .reshape((per_row * lay.b, self.num_heads * self.head_dim))
         })?; // (p, nh·d)
-        Ok((
-            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
-            kv,
-        ))
+        Ok((out, kv))
     }
 
-    /// Keys and values of the new tokens, flat (n, nkv·d), and of every row padded (b, nkv, t, d): the
-    /// cached prefix (`past`, flat over the cache's rows) followed by the row's new tokens.
-    fn keys_values(
+    /// Variable-length attention over the flat rows, queries at every token: (n, h) -> (n, nh·d), and
+    /// the new keys and values.
+    fn attend_flat(
         &self,
         xs: &Tensor,
         lay: &Layout,
+        grid: &Varlen,
         past: Option<&Kv>,
-    ) -> Result<(Kv, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Kv)> {
+        let tm = &lay.timer;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n = xs.dim(0)?;
+        let q = tm.time(Section::Qkv, || self.q_proj.forward(xs))?;
+        let q = tm.time(Section::Rope, move || self.rope(&q, nh, &lay.cos, &lay.sin))?;
+        let kv = self.keys_values(xs, lay)?;
+        let (k, v) = tm.time(Section::Gather, || {
+            let k = grid.keys(&kv.k, past.map(|p| &p.k))?; // (total_k, nkv·d)
+            let v = grid.keys(&kv.v, past.map(|p| &p.v))?;
+            Ok((k.reshape(((), nkv, d))?, v.reshape(((), nkv, d))?))
+        })?;
+        let out = tm.time(Section::VarlenAttention, || {
+            grid.attend(lay.attention, &q.reshape((n, nh, d))?, &k, &v)
+        })?; // (n, nh, d)
+        Ok((out.reshape((n, nh * d))?, kv))
+    }
+
+    /// Keys (after RoPE) and values of the new tokens, flat (n, nkv·d).
+    fn keys_values(&self, xs: &Tensor, lay: &Layout) -> Result<Kv> {
         let tm = &lay.timer;
         let k = tm.time(Section::Qkv, || self.k_proj.forward(xs))?;
         let k = tm.time(Section::Rope, move || {
             self.rope(&k, self.num_kv_heads, &lay.cos, &lay.sin)
         })?;
         let v = tm.time(Section::Qkv, || self.v_proj.forward(xs))?;
-        let (k_pad, v_pad) = tm.time(Section::Gather, || {
+        Ok(Kv { k, v })
+    }
+
+    /// Keys and values of every row padded (b, nkv, t, d): the cached prefix (`past`, flat over the
+    /// cache's rows) followed by the row's new tokens (`new`).
+    fn padded_keys_values(
+        &self,
+        new: &Kv,
+        grid: &Padded,
+        past: Option<&Kv>,
+        tm: &Timer,
+    ) -> Result<(Tensor, Tensor)> {
+        tm.time(Section::Gather, || {
             let with_past = |new: &Tensor, old: Option<&Tensor>| match old {
                 Some(old) => Tensor::cat(&[old, new], 0), // (cached + n, nkv·d)
                 None => Ok(new.clone()),
             };
-            let k_all = with_past(&k, past.map(|p| &p.k))?;
-            let v_all = with_past(&v, past.map(|p| &p.v))?;
+            let k_all = with_past(&new.k, past.map(|p| &p.k))?;
+            let v_all = with_past(&new.v, past.map(|p| &p.v))?;
             Ok((
-                lay.pad_keys(&k_all, self.num_kv_heads, self.head_dim)?,
-                lay.pad_keys(&v_all, self.num_kv_heads, self.head_dim)?,
+                grid.pad_keys(&k_all, self.num_kv_heads, self.head_dim)?,
+                grid.pad_keys(&v_all, self.num_kv_heads, self.head_dim)?,
             ))
-        })?;
-        Ok((Kv { k, v }, k_pad, v_pad))
+        })
     }
 
     /// Rotary embedding of flat projections (n, heads·d) with per-token cos/sin (n, d/2).
@@ -155,9 +229,16 @@ impl Attention {
 
     /// Causal attention in blocks of `QUERY_BLOCK` queries, each against the keys up to its own end:
     /// on long rows this skips about half of the scores and their softmax, and keeps the score
-    /// tensor small. `q` (b, nh, tq, d), `k`/`v` (b, nkv, t, d); the mask is `lay.causal`.
-    fn attend_causal(&self, q: &Tensor, k: &Tensor, v: &Tensor, lay: &Layout) -> Result<Tensor> {
-        let (tm, causal) = (&lay.timer, &lay.causal);
+    /// tensor small. `q` (b, nh, tq, d), `k`/`v` (b, nkv, t, d); the mask is `grid.causal`.
+    fn attend_causal(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grid: &Padded,
+        tm: &Timer,
+    ) -> Result<Tensor> {
+        let causal = &grid.causal;
         let tq = q.dim(2)?;
         if tq <= QUERY_BLOCK {
             return self.attend(q, k, v, causal, tm);
@@ -167,7 +248,7 @@ impl Attention {
         for start in (0..tq).step_by(QUERY_BLOCK) {
             let len = QUERY_BLOCK.min(tq - start);
             // A query of the block sits at most at position `max_past + start + len - 1`.
-            let end = (lay.max_past + start + len).min(t);
+            let end = (grid.max_past + start + len).min(t);
             let mask = causal.narrow(3, start, len)?.narrow(4, 0, end)?; // (1|b, 1, 1, len, end)
             let q_block = tm.time(Section::Gather, || q.narrow(2, start, len)?.contiguous())?;
             blocks.push(self.attend(
@@ -319,6 +400,7 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
+    attention: AttentionKind,
     timer: Timer,
 }
 
@@ -334,10 +416,29 @@ impl Llama {
             layers,
             norm: RmsNorm::load(vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             inv_freq: rope::inv_freq(cfg),
+            attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
             dtype: vb.dtype(),
             device: vb.device().clone(),
             timer: Timer::default(),
         })
+    }
+
+    /// Computes attention this way instead of the one `load` chose (`AttentionKind::auto`).
+    pub fn with_attention(mut self, attention: AttentionKind) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    pub fn attention(&self) -> AttentionKind {
+        self.attention
+    }
+
+    /// `varlen::flash_self_check` with this model's heads, device and dtype.
+    pub fn flash_self_check(&self) -> Result<f32> {
+        let (nh, nkv) = self.layers.first().map_or((1, 1), |l| {
+            (l.self_attn.num_heads, l.self_attn.num_kv_heads)
+        });
+        super::varlen::flash_self_check(&self.device, self.dtype, nh, nkv)
     }
 
     /// Times every section of each forward pass into the timer's profile.
@@ -405,7 +506,7 @@ impl Llama {
                 picks,
                 past,
                 &self.inv_freq,
-                self.dtype,
+                (self.dtype, self.attention),
                 &self.device,
             )?;
             Ok((lay, Tensor::from_slice(ids, ids.len(), &self.device)?))
@@ -506,12 +607,15 @@ mod tests {
             &[t - 1, 2 * t - 1],
             None,
             &[1.0; 4],
-            DType::F32,
+            (DType::F32, AttentionKind::Blocked),
             dev,
         )
         .unwrap();
-        let full = attn.attend(&q, &k, &v, &lay.causal, &lay.timer).unwrap();
-        let blocked = attn.attend_causal(&q, &k, &v, &lay).unwrap();
+        let Grid::Padded(grid) = &lay.grid else {
+            panic!("blocked attention pads")
+        };
+        let full = attn.attend(&q, &k, &v, &grid.causal, &lay.timer).unwrap();
+        let blocked = attn.attend_causal(&q, &k, &v, grid, &lay.timer).unwrap();
         assert_eq!(blocked.dims(), full.dims());
         let diff = (blocked - full)
             .unwrap()

@@ -6,6 +6,7 @@ mod layout;
 pub mod llama;
 pub mod profile;
 pub mod rope;
+pub mod varlen;
 
 use std::sync::Arc;
 
@@ -14,8 +15,9 @@ use candle_nn::VarBuilder;
 
 pub use config::ArmoRMConfig;
 pub use head::{ArmoRMHead, HeadOutput, RowScore};
-pub use llama::{KvCache, Llama, Past};
+pub use llama::{KvCache, Llama, Past, QUERY_BLOCK};
 pub use profile::{Profile, Section};
+pub use varlen::{flash_unsupported, AttentionKind};
 
 use profile::Timer;
 
@@ -133,6 +135,22 @@ impl ArmoRM {
         self
     }
 
+    /// Computes attention this way instead of the one `load` chose (`AttentionKind::auto`).
+    pub fn with_attention(mut self, attention: AttentionKind) -> Self {
+        self.model = self.model.with_attention(attention);
+        self
+    }
+
+    pub fn attention(&self) -> AttentionKind {
+        self.model.attention()
+    }
+
+    /// The largest difference between flash attention and the reference on random rows with this
+    /// model's heads (see `varlen::flash_self_check`).
+    pub fn flash_self_check(&self) -> Result<f32> {
+        self.model.flash_self_check()
+    }
+
     pub fn forward(&self, batch: &FlatBatch) -> Result<HeadOutput> {
         let b = batch.rows();
         // Only two tokens per row are read: the last (rewards) and the gating token. Grouped by kind.
@@ -243,6 +261,60 @@ mod tests {
             .unwrap()
     }
 
+    fn assert_same_outputs(got: &HeadOutput, want: &HeadOutput, tolerance: f32) {
+        for (name, a, b) in [
+            ("rewards", &got.rewards, &want.rewards),
+            ("gating", &got.gating, &want.gating),
+            ("coefficients", &got.coefficients, &want.coefficients),
+            ("score", &got.score, &want.score),
+        ] {
+            let d = max_diff(a, b);
+            assert!(d < tolerance, "{name} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn flat_varlen_attention_equals_blocked_attention() {
+        let blocked = random_model();
+        assert_eq!(blocked.attention(), AttentionKind::Blocked);
+        let flat = blocked
+            .clone()
+            .with_attention(AttentionKind::VarlenReference);
+        // Rows of very different lengths (one past a query block), gates anywhere, a one-token row.
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 300, 120), (3, 1, 0), (4, 40, 39)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = blocked.forward(&batch).unwrap();
+        let got = flat.forward(&batch).unwrap();
+        assert_same_outputs(&got, &want, 1e-5);
+
+        // Prefixes and their continuations through the flat key sequence.
+        let mut heads = FlatBatch::new();
+        heads.push(&ids(5, 12), 6);
+        heads.push(&ids(6, 30), 29);
+        let mut rows = Continuations::new();
+        for (p, seed, len) in [(1, 7, 5), (0, 8, 1), (1, 9, 20), (0, 10, 3)] {
+            rows.push(&ids(seed, len), p);
+        }
+        let want = blocked
+            .forward_continued(&blocked.forward_prefixes(&heads).unwrap(), &rows)
+            .unwrap();
+        let got = flat
+            .forward_continued(&flat.forward_prefixes(&heads).unwrap(), &rows)
+            .unwrap();
+        assert_same_outputs(&got, &want, 1e-5);
+        // Not trivially equal: another row's prefix changes the rewards.
+        let mut swapped = Continuations::new();
+        for (p, seed, len) in [(0, 7, 5), (1, 8, 1), (0, 9, 20), (1, 10, 3)] {
+            swapped.push(&ids(seed, len), p);
+        }
+        let moved = flat
+            .forward_continued(&flat.forward_prefixes(&heads).unwrap(), &swapped)
+            .unwrap();
+        assert!(max_diff(&moved.rewards, &want.rewards) > 1e-3);
+    }
+
     #[test]
     fn rows_continuing_cached_prefixes_equal_rows_run_whole() {
         let model = random_model();
@@ -274,15 +346,7 @@ mod tests {
             rows.push(tail, *p);
         }
         let got = model.forward_continued(&cached, &rows).unwrap();
-        for (name, a, b) in [
-            ("rewards", &got.rewards, &want.rewards),
-            ("gating", &got.gating, &want.gating),
-            ("coefficients", &got.coefficients, &want.coefficients),
-            ("score", &got.score, &want.score),
-        ] {
-            let d = max_diff(a, b);
-            assert!(d < 1e-5, "{name} differs by {d}");
-        }
+        assert_same_outputs(&got, &want, 1e-5);
         // Not trivially equal: a different prefix changes the rewards.
         let mut other = Continuations::new();
         for (_, tail) in &tails {

@@ -31,6 +31,8 @@ pub enum Section {
     AttnMatmul,
     /// Attention's scale, f32 casts, mask and softmax.
     Softmax,
+    /// Variable-length (flash) attention over the flat rows: one kernel for all of it.
+    VarlenAttention,
     OProj,
     /// gate_proj, up_proj and down_proj.
     MlpMatmul,
@@ -44,7 +46,7 @@ pub enum Section {
     Readback,
 }
 
-const SECTIONS: usize = 15;
+const SECTIONS: usize = 16;
 
 impl Section {
     pub const ALL: [Section; SECTIONS] = [
@@ -57,6 +59,7 @@ impl Section {
         Section::Gather,
         Section::AttnMatmul,
         Section::Softmax,
+        Section::VarlenAttention,
         Section::OProj,
         Section::MlpMatmul,
         Section::SiluMul,
@@ -76,6 +79,7 @@ impl Section {
             Section::Gather => "gather",
             Section::AttnMatmul => "attn_matmul",
             Section::Softmax => "softmax",
+            Section::VarlenAttention => "varlen_attn",
             Section::OProj => "o_proj",
             Section::MlpMatmul => "mlp_matmul",
             Section::SiluMul => "silu_mul",
@@ -213,12 +217,18 @@ mod tests {
         flat
     }
 
-    #[test]
-    fn profiled_forward_records_every_section_and_they_sum_to_its_time() {
+    /// The sections one profiled pass timed, after checking that they add up to nearly all of its
+    /// wall time and that profiling left the scores alone.
+    fn sections_timed(attention: crate::model::AttentionKind) -> Vec<Section> {
         let flat = batch();
-        let plain = tiny_model().forward(&flat).unwrap();
+        let plain = tiny_model()
+            .with_attention(attention)
+            .forward(&flat)
+            .unwrap();
         let profile = Arc::new(Profile::default());
-        let model = tiny_model().with_profile(profile.clone());
+        let model = tiny_model()
+            .with_attention(attention)
+            .with_profile(profile.clone());
         // Warm-up outside the measurement: first-touch allocations are not what is measured.
         model.forward(&flat).unwrap();
         let before = profile.report();
@@ -230,19 +240,37 @@ mod tests {
         let got = |o: &crate::model::HeadOutput| o.score.to_vec1::<f32>().unwrap();
         assert_eq!(got(&profiled), got(&plain), "profiling changed the scores");
         let mut sum = Duration::ZERO;
+        let mut timed = Vec::new();
         for (a, b) in after.sections.iter().zip(&before.sections) {
-            let (calls, time) = (a.calls - b.calls, a.time - b.time);
-            // The scorer, not the model, copies the scores back.
-            if a.section != Section::Readback {
-                assert!(calls > 0, "{} never timed", a.section.name());
+            if a.calls > b.calls {
+                timed.push(a.section);
             }
-            sum += time;
+            sum += a.time - b.time;
         }
         assert!(sum <= wall, "sections {sum:?} exceed the pass {wall:?}");
         assert!(
             sum.as_secs_f64() >= 0.8 * wall.as_secs_f64(),
             "sections {sum:?} cover too little of the pass {wall:?}"
         );
+        timed
+    }
+
+    #[test]
+    fn profiled_forward_records_every_section_and_they_sum_to_its_time() {
+        use crate::model::AttentionKind;
+        let blocked = sections_timed(AttentionKind::Blocked);
+        let flat = sections_timed(AttentionKind::VarlenReference);
+        for section in Section::ALL {
+            let want_blocked = section != Section::VarlenAttention;
+            let want_flat = !matches!(section, Section::AttnMatmul | Section::Softmax);
+            // The scorer, not the model, copies the scores back.
+            if section == Section::Readback {
+                continue;
+            }
+            let name = section.name();
+            assert_eq!(blocked.contains(&section), want_blocked, "blocked: {name}");
+            assert_eq!(flat.contains(&section), want_flat, "flat: {name}");
+        }
     }
 
     #[test]

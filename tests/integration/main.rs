@@ -1,6 +1,7 @@
 //! armorm's integration tests: one binary (one link of polars and candle), driving the real `armorm`
 //! against the committed fixtures and their transformers goldens.
 
+mod attention;
 mod commands;
 mod common;
 mod errors;

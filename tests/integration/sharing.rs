@@ -47,7 +47,12 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
 
 /// `armorm score INPUT -o -` in f32 on the CPU with `extra` flags and environment; stdout's rows and
 /// stderr.
-fn score(input: &Path, model: &str, extra: &[&str], env: &[(&str, &str)]) -> (Vec<Scored>, String) {
+pub fn score(
+    input: &Path,
+    model: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<Scored>, String) {
     let model = model_dir(model);
     let out = Command::new(env!("CARGO_BIN_EXE_armorm"))
         .args([
@@ -69,13 +74,13 @@ fn score(input: &Path, model: &str, extra: &[&str], env: &[(&str, &str)]) -> (Ve
 }
 
 /// The tokens the summary line says sharing saved; `None` when it says nothing of sharing.
-fn saved_tokens(stderr: &str) -> Option<usize> {
+pub fn saved_tokens(stderr: &str) -> Option<usize> {
     let rest = stderr.split("prefix sharing saved ").nth(1)?;
     rest.split(' ').next()?.parse().ok()
 }
 
 /// Row by row in the same order, every output column within 1e-5.
-fn assert_same(shared: &[Scored], whole: &[Scored]) {
+pub fn assert_same(shared: &[Scored], whole: &[Scored]) {
     assert_eq!(shared.len(), whole.len());
     for (a, b) in shared.iter().zip(whole) {
         assert_eq!(a.id, b.id, "row order changed");
@@ -85,7 +90,7 @@ fn assert_same(shared: &[Scored], whole: &[Scored]) {
 
 /// The golden conversations, each three times (twice with its own response, once with another row's),
 /// shuffled: the responses to one prompt sit apart in the window.
-fn repeated_goldens(dir: &Path) -> std::path::PathBuf {
+pub fn repeated_goldens(dir: &Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(fixtures().join("conversations.jsonl")).unwrap();
     let rows: Vec<Value> = text
         .lines()
@@ -130,7 +135,7 @@ fn golden_rows_shared_equal_transformers_and_the_unshared_path() {
 }
 
 /// Prompts with a system message and earlier turns, 2 to 7 responses each of various lengths, shuffled.
-fn best_of_n(dir: &Path) -> std::path::PathBuf {
+pub fn best_of_n(dir: &Path) -> std::path::PathBuf {
     let mut rows = Vec::new();
     for p in 0..6 {
         let mut turns = vec![

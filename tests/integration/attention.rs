@@ -1,0 +1,99 @@
+//! `--attention`: flash attention's flat layout (cumulative lengths, [prefix; new] key sequences)
+//! gives transformers' results, checked through the hidden `varlen-reference` kernel (the same
+//! contract computed with matmuls, on the CPU); flash itself is refused where it cannot run.
+
+use crate::common::*;
+use crate::sharing::{assert_same, best_of_n, repeated_goldens, saved_tokens, score};
+
+const FLAT: &[&str] = &["--attention", "varlen-reference"];
+
+#[test]
+fn flat_rows_match_transformers_and_blocked_attention() {
+    let input = fixtures().join("conversations.jsonl");
+    for model in [TINY, ALT] {
+        let goldens = goldens(model);
+        let blocked = score_jsonl(&input, model, &["--dtype", "f32", "--attention", "blocked"]);
+        for budget in ["300", "1000000"] {
+            let extra = [&["--dtype", "f32", "--max-batch-tokens", budget][..], FLAT].concat();
+            let flat = score_jsonl(&input, model, &extra);
+            assert_eq!(flat.len(), goldens.len());
+            for row in &flat {
+                assert_close(row, &golden_as_scored(&row.id, &goldens[&row.id]), 1e-4);
+            }
+            assert_same(&flat, &blocked);
+        }
+    }
+}
+
+/// Rows continuing cached prompts take [prefix; new] key sequences: the same results as rows run
+/// whole, with most of the prompts' tokens saved; nothing is padded.
+#[test]
+fn flat_rows_share_prefixes_with_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    for input in [repeated_goldens(dir.path()), best_of_n(dir.path())] {
+        for model in [TINY, ALT] {
+            let (whole, _) = score(&input, model, &["--prefix-sharing", "off"], &[]);
+            let (shared, log) = score(&input, model, FLAT, &[]);
+            assert!(saved_tokens(&log).unwrap() > 1000, "{log}");
+            assert!(log.contains("padding overhead 0.0%"), "{log}");
+            assert_same(&shared, &whole);
+        }
+    }
+}
+
+#[test]
+fn flash_is_refused_with_the_reason_where_it_cannot_run() {
+    let input = fixtures().join("conversations.jsonl");
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+        "--device",
+        "cpu",
+        "--attention",
+        "flash",
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // This build has no flash-attn feature, or (with it) the CPU is no CUDA device.
+    assert!(stderr.contains("--attention flash"), "{stderr}");
+    assert!(
+        stderr.contains("built without the flash-attn feature") || stderr.contains("CUDA"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--attention blocked"), "{stderr}");
+}
+
+/// The output says which attention ran; the default on the CPU is blocked.
+#[test]
+fn the_output_records_the_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixtures().join("conversations.jsonl");
+    let model = model_dir(TINY);
+    for (extra, want) in [(&[][..], "blocked"), (FLAT, "varlen-reference")] {
+        let out = dir.path().join(format!("{want}.parquet"));
+        let mut args = vec![
+            "score",
+            input.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let run = armorm(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert_eq!(parquet_metadata(&out)["armorm.attention"], want);
+    }
+}
