@@ -36,7 +36,8 @@ A dry run of every phase on a CPU (about 90 s on 2 cores, with .venv from fixtur
 
     .venv/bin/python scripts/gpu_check.py --armorm target/release/armorm --device cpu --shape tiny \
       --work /tmp/gpu-check-dry --rows 128 --long-rows 4 --check-long-rows 2 --acc-rows 32 --profile-rows 32 \
-      --profile-long-rows 2 --tf-long-batch-sizes 1,2 --best-of-8 --best-of-8-prompts 4 --time-limit 900
+      --profile-long-rows 2 --tf-long-batch-sizes 1,2 --best-of-8 --best-of-8-prompts 4 --time-limit 900 \
+      --attention auto
 """
 
 import argparse
@@ -291,11 +292,12 @@ class Armorm:
     def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=()):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
-            # f32 has no flash kernels: auto picks blocked attention there.
-            attention = self.attention if dtype != "f32" else "auto"
+            # f32 has no flash kernels: auto picks blocked attention there. `extra` may name its own.
+            attention = [] if "--attention" in extra else \
+                ["--attention", self.attention if dtype != "f32" else "auto"]
             cmd = [self.binary, "score", str(data), "--model", str(self.model_dir), "-o", str(out),
                    "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget),
-                   "--attention", attention, *extra]
+                   *attention, *extra]
             full_env = {**os.environ, "CUDA_CACHE_PATH": str(self.cache),
                         "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
             sampler = GpuSampler() if sample_gpu else None
