@@ -2,7 +2,7 @@
 //!
 //! The layers, from the tensors up:
 //! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
-//!   `rope`, `layout` and `varlen`: padded blocked attention or flat flash attention), built from a
+//!   `rope`, `attention` over `layout`'s padded grids or `varlen`'s flat rows), built from a
 //!   checkpoint by `loader`; `budget` (the default token budget per forward pass).
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
 //!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a

@@ -1,5 +1,6 @@
 //! ArmoRM in candle: the Llama backbone, the gated multi-objective head, and the flat batch they take.
 
+mod attention;
 pub mod config;
 pub mod head;
 mod layout;
@@ -13,9 +14,10 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
+pub use attention::QUERY_BLOCK;
 pub use config::ArmoRMConfig;
 pub use head::{ArmoRMHead, HeadOutput, RowScore};
-pub use llama::{KvCache, Llama, Past, QUERY_BLOCK};
+pub use llama::{KvCache, Llama, Past};
 pub use profile::{Profile, Section};
 pub use varlen::{flash_unsupported, AttentionKind};
 
