@@ -283,6 +283,7 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::rope::RopeTables;
     use crate::model::varlen::AttentionKind;
     use candle_core::Device;
 
@@ -317,7 +318,7 @@ mod tests {
             &[0, t, 2 * t],
             &[t - 1, 2 * t - 1],
             None,
-            &[1.0; 4],
+            &RopeTables::new(vec![1.0; 4], 16, DType::F32, dev).unwrap(),
             (DType::F32, AttentionKind::Blocked),
             dev,
         )

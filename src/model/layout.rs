@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::llama::Past;
 use super::profile::Timer;
-use super::rope;
+use super::rope::RopeTables;
 use super::varlen::{AttentionKind, Varlen};
 
 /// Where each token of a flat batch sits, built once per batch and shared by every layer.
@@ -63,7 +63,7 @@ impl Layout {
         cu_lens: &[usize],
         picks: &[usize],
         past: Option<Past>,
-        inv_freq: &[f32],
+        rope: &RopeTables,
         (dtype, attention): (DType, AttentionKind),
         dev: &Device,
     ) -> Result<Self> {
@@ -85,7 +85,7 @@ impl Layout {
 
         let positions: Vec<u32> = (0..cu_lens[b]).map(|i| pos_of(i) as u32).collect();
         let pick_positions: Vec<u32> = picks.iter().map(|&i| pos_of(i) as u32).collect();
-        let (cos_t, sin_t) = rope::tables(inv_freq, t, dtype, dev)?; // (t, d/2)
+        let (cos_t, sin_t) = rope.upto(t)?; // (≥ t, d/2)
         let gather = |table: &Tensor, idx: &[u32]| {
             table.index_select(&Tensor::from_slice(idx, idx.len(), dev)?, 0)
         };
@@ -253,7 +253,7 @@ mod tests {
             &[0, 2, 5],
             &[1, 4, 0, 2],
             None,
-            &[1.0],
+            &RopeTables::new(vec![1.0], 8, DType::F32, &Device::Cpu).unwrap(),
             (DType::F32, AttentionKind::Blocked),
             &Device::Cpu,
         )

@@ -9,7 +9,7 @@ use super::attention::Attention;
 use super::config::ArmoRMConfig;
 use super::layout::Layout;
 use super::profile::{Section, Timer};
-use super::rope;
+use super::rope::{self, RopeTables};
 use super::varlen::AttentionKind;
 
 #[derive(Debug, Clone)]
@@ -138,7 +138,7 @@ pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    inv_freq: Vec<f32>,
+    rope: RopeTables,
     dtype: DType,
     device: Device,
     attention: AttentionKind,
@@ -156,7 +156,12 @@ impl Llama {
             embed_tokens,
             layers,
             norm: RmsNorm::load(vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
-            inv_freq: rope::inv_freq(cfg),
+            rope: RopeTables::new(
+                rope::inv_freq(cfg),
+                cfg.max_position_embeddings,
+                vb.dtype(),
+                vb.device(),
+            )?,
             attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -244,7 +249,7 @@ impl Llama {
                 cu_lens,
                 picks,
                 past,
-                &self.inv_freq,
+                &self.rope,
                 (self.dtype, self.attention),
                 &self.device,
             )?;

@@ -54,6 +54,32 @@ fn llama3_scale(freqs: &[f32], factor: f32, low: f32, high: f32, old_ctx: f32) -
         .collect()
 }
 
+/// cos and sin of every position up to the model's `max_position_embeddings`, built once on the
+/// device at load: a batch gathers its positions from them instead of computing and copying tables of
+/// its own (host work between the GPU's batches).
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    inv_freq: Vec<f32>,
+    cos: Tensor, // (len, d/2)
+    sin: Tensor,
+}
+
+impl RopeTables {
+    pub fn new(inv_freq: Vec<f32>, len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let (cos, sin) = tables(&inv_freq, len, dtype, device)?;
+        Ok(Self { inv_freq, cos, sin })
+    }
+
+    /// Tables covering positions `0..len`: the cached ones, or new ones for rows past them (scored
+    /// under --allow-beyond-max-positions).
+    pub fn upto(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        if len <= self.cos.dim(0)? {
+            return Ok((self.cos.clone(), self.sin.clone()));
+        }
+        tables(&self.inv_freq, len, self.cos.dtype(), self.cos.device())
+    }
+}
+
 /// cos and sin tables for positions `0..len`, each (len, head_dim / 2).
 pub fn tables(
     inv_freq: &[f32],
@@ -89,6 +115,19 @@ mod tests {
         .unwrap();
         c.rope.scaling = scaling;
         c
+    }
+
+    #[test]
+    fn cached_tables_equal_tables_built_per_batch() {
+        let inv_freq = inv_freq(&cfg(RopeScaling::Default));
+        let cached = RopeTables::new(inv_freq.clone(), 32, DType::F32, &Device::Cpu).unwrap();
+        for len in [5, 32, 40] {
+            let (cos, sin) = cached.upto(len).unwrap();
+            let (want_cos, want_sin) = tables(&inv_freq, len, DType::F32, &Device::Cpu).unwrap();
+            let rows = |t: &Tensor| t.narrow(0, 0, len).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(rows(&cos), rows(&want_cos), "cos, {len} positions");
+            assert_eq!(rows(&sin), rows(&want_sin), "sin, {len} positions");
+        }
     }
 
     #[test]
