@@ -310,13 +310,17 @@ class Armorm:
             scores = {r["id"]: r["score"] for r in map(json.loads, out.read_text().splitlines())}
         summary = [l for l in p.stderr.splitlines() if "scored" in l][-1]
         seconds = float(summary.split(" in ")[1].split(" s")[0])
+        setup = SETUP.search(summary)
         return dict(seconds=seconds, wall=wall, scores=scores, summary=summary, gpu=gpu,
-                    profile=parse_profile(p.stderr))
+                    profile=parse_profile(p.stderr),
+                    attention=setup[1] if setup else "?", budget=int(setup[2]) if setup else None)
 
     def cache_mib(self):
         return sum(f.stat().st_size for f in self.cache.rglob("*") if f.is_file()) / 2 ** 20
 
 
+# The end of armorm's summary line: how the rows ran.
+SETUP = re.compile(r"(\S+) attention, batches of up to (\d+) tokens")
 PROFILE_LINE = re.compile(r"^armorm: profile: (\S+)\s+([\d.]+) s\s+([\d.]+)%")
 
 
@@ -453,7 +457,8 @@ class Check:
     def armorm_case(self, case, label=None, extra=()):
         r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra)
         log(f"armorm bf16 {case} {' '.join(extra)}: {r['summary']} (wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
-        self.res.setdefault(label or "armorm", {})[case] = {k: r[k] for k in ("seconds", "wall", "summary", "gpu")}
+        keys = ("seconds", "wall", "summary", "gpu", "attention", "budget")
+        self.res.setdefault(label or "armorm", {})[case] = {k: r[k] for k in keys}
         self.res[label or "armorm"][case]["scores"] = r["scores"]
 
     def profile(self):
@@ -612,13 +617,12 @@ class Check:
             best = min(tf["runs"].values()) if tf else None
             rows = []
             if arm:
-                rows.append((f"armorm bf16 {self.args.attention} (budget {self.args.max_batch_tokens})",
-                             arm["seconds"]))
+                rows.append((f"armorm bf16 {arm['attention']} ({arm['budget']} tok)", arm["seconds"]))
             blocked = res.get("armorm_blocked", {}).get(case)
             if arm and blocked:
                 rows.append(("armorm bf16 --attention blocked", blocked["seconds"]))
                 diff = max(abs(arm["scores"][i] - blocked["scores"][i]) for i in arm["scores"])
-                p(f"{case:10} armorm {self.args.attention} vs blocked (bf16): max |score diff| {diff:.2e}, "
+                p(f"{case:10} armorm {arm['attention']} vs blocked (bf16): max |score diff| {diff:.2e}, "
                   f"{blocked['seconds'] / arm['seconds']:.2f}x faster")
             off = res.get("armorm_unshared", {}).get(case)
             if arm and off:

@@ -382,6 +382,15 @@ impl Scorer {
         model.forward(flat)
     }
 
+    /// How batches run, for the summary line: the attention and the token budget (after any lowering).
+    pub fn setup(&self) -> String {
+        let attention = self.models.first().map_or("no", |m| m.attention().name());
+        format!(
+            "{attention} attention, batches of up to {} tokens",
+            self.budget.load(Ordering::Relaxed)
+        )
+    }
+
     /// Tokens a pass computes: padded ones under blocked attention, the rows' own under flat
     /// (variable-length) attention, which pads nothing.
     fn computed(&self, padded: usize, tokens: usize) -> usize {

@@ -36,12 +36,13 @@ impl Progress {
         Self { bar, quiet }
     }
 
-    pub fn finish(&self, stats: &Stats) {
+    /// The summary line, ending with `setup`: how the rows ran (attention, token budget).
+    pub fn finish(&self, stats: &Stats, setup: &str) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!("{}", summary(stats));
+            eprintln!("{}, {setup}", summary(stats));
         }
     }
 }

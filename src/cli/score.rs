@@ -333,7 +333,7 @@ impl<'a> Job<'a> {
             options,
             progress,
         )?;
-        progress.finish(&stats);
+        progress.finish(&stats, &loaded.scorer.setup());
         if let Some(profile) = loaded.scorer.profile() {
             eprint!("{}", super::progress::profile(&profile.report()));
         }

@@ -69,13 +69,18 @@ fn flash_is_refused_with_the_reason_where_it_cannot_run() {
     assert!(stderr.contains("--attention blocked"), "{stderr}");
 }
 
-/// The output says which attention ran; the default on the CPU is blocked.
+/// The output and the summary line say which attention ran and the token budget; the defaults on the
+/// CPU are blocked attention and 16384 tokens.
 #[test]
 fn the_output_records_the_attention() {
     let dir = tempfile::tempdir().unwrap();
     let input = fixtures().join("conversations.jsonl");
     let model = model_dir(TINY);
-    for (extra, want) in [(&[][..], "blocked"), (FLAT, "varlen-reference")] {
+    let flat_300 = [FLAT, &["--max-batch-tokens", "300"]].concat();
+    for (extra, want, budget) in [
+        (&[][..], "blocked", 16384),
+        (&flat_300[..], "varlen-reference", 300),
+    ] {
         let out = dir.path().join(format!("{want}.parquet"));
         let mut args = vec![
             "score",
@@ -95,5 +100,8 @@ fn the_output_records_the_attention() {
             String::from_utf8_lossy(&run.stderr)
         );
         assert_eq!(parquet_metadata(&out)["armorm.attention"], want);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        let setup = format!("{want} attention, batches of up to {budget} tokens\n");
+        assert!(stderr.ends_with(&setup), "{stderr}");
     }
 }
