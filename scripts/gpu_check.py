@@ -15,6 +15,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
            compared against the fastest;
+  fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=1 (armorm's fused SiLU·mul, residual add and
+           RMSNorm kernels, issue 10 step 3): their gain and the largest score difference;
   blocked  armorm bf16 with --attention blocked (the padded matmul attention from before flash attention)
            on both cases: flash attention's gain on the same card in the same run, and the largest score
            difference between the two;
@@ -24,8 +26,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 
 Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
 version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
-armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), armorm blocked 45 (the
-issue's own rates), transformers f32 25; about 6.5 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+armorm fused 20, armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), armorm
+blocked 45 (the issue's own rates), transformers f32 25; about 7 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -69,7 +71,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "parity", "sweep", "blocked", "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
 
@@ -449,14 +451,21 @@ class Check:
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
 
+    def fused(self):
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, "armorm_fused", env={"ARMORM_FUSED_OPS": "1"})
+
     def blocked(self):
         for case in ("short", "long"):
             if self.on(case):
                 self.armorm_case(case, "armorm_blocked", ("--attention", "blocked"))
 
-    def armorm_case(self, case, label=None, extra=()):
-        r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra)
-        log(f"armorm bf16 {case} {' '.join(extra)}: {r['summary']} (wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
+    def armorm_case(self, case, label=None, extra=(), env=None):
+        r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra,
+                            env=env)
+        log(f"armorm bf16 {case} {' '.join(extra)} {env or ''}: {r['summary']} "
+            f"(wall with load {r['wall']:.1f} s; gpu {r['gpu']})")
         keys = ("seconds", "wall", "summary", "gpu", "attention", "budget")
         self.res.setdefault(label or "armorm", {})[case] = {k: r[k] for k in keys}
         self.res[label or "armorm"][case]["scores"] = r["scores"]
@@ -559,6 +568,8 @@ class Check:
                 self.timed(f"armorm {case}", lambda: self.armorm_case(case))
         if self.on("profile"):
             self.timed("profile", self.profile)
+        if self.on("fused"):
+            self.timed("armorm fused", self.fused)
         if self.on("best-of-8"):
             self.timed("armorm best-of-8", lambda: self.armorm_case("best-of-8"))
             self.timed("armorm best-of-8 unshared", lambda: self.armorm_case(
@@ -618,6 +629,12 @@ class Check:
             rows = []
             if arm:
                 rows.append((f"armorm bf16 {arm['attention']} ({arm['budget']} tok)", arm["seconds"]))
+            fused = res.get("armorm_fused", {}).get(case)
+            if arm and fused:
+                rows.append(("armorm bf16 ARMORM_FUSED_OPS=1", fused["seconds"]))
+                diff = max(abs(arm["scores"][i] - fused["scores"][i]) for i in arm["scores"])
+                p(f"{case:10} armorm fused ops vs not (bf16): max |score diff| {diff:.2e}, "
+                  f"{arm['seconds'] / fused['seconds']:.2f}x faster")
             blocked = res.get("armorm_blocked", {}).get(case)
             if arm and blocked:
                 rows.append(("armorm bf16 --attention blocked", blocked["seconds"]))

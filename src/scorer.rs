@@ -382,11 +382,18 @@ impl Scorer {
         model.forward(flat)
     }
 
+    /// Whether the models run the fused elementwise ops (`ARMORM_FUSED_OPS`).
+    pub fn fused_ops(&self) -> bool {
+        self.models.first().is_some_and(|m| m.fused_ops())
+    }
+
     /// How batches run, for the summary line: the attention and the token budget (after any lowering).
     pub fn setup(&self) -> String {
         let attention = self.models.first().map_or("no", |m| m.attention().name());
+        let fused = self.fused_ops();
         format!(
-            "{attention} attention, batches of up to {} tokens",
+            "{attention} attention{}, batches of up to {} tokens",
+            if fused { ", fused ops" } else { "" },
             self.budget.load(Ordering::Relaxed)
         )
     }

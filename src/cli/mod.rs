@@ -142,9 +142,14 @@ impl ModelArgs {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
             attention = loader::attention(&self.attention, device, dtype, config.head_dim())?;
-            let model = model.with_attention(attention);
+            let model = model
+                .with_attention(attention)
+                .with_fused_ops(fused_ops_requested());
             if attention == AttentionKind::Flash {
                 check_flash(&model, device)?;
+            }
+            if model.fused_ops() {
+                check_fused(&model, device, config.hidden_size)?;
             }
             models.push(model);
             loaded.get_or_insert((config, encoder));
@@ -243,6 +248,21 @@ fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
     Ok(())
 }
 
+/// Refuses fused ops whose kernels do not compute what candle's unfused ops do on this device.
+fn check_fused(model: &ArmoRM, device: &candle_core::Device, hidden: usize) -> Result<()> {
+    let diff = model
+        .fused_self_check(hidden)
+        .with_context(|| format!("fused ops self-check on {}", device_name(device)))?;
+    if diff > FLASH_SELF_CHECK_TOLERANCE {
+        anyhow::bail!(
+            "ARMORM_FUSED_OPS: the fused ops on {} differ from candle's by {diff} (relative) on random \
+             rows (allowed {FLASH_SELF_CHECK_TOLERANCE}); unset ARMORM_FUSED_OPS",
+            device_name(device)
+        );
+    }
+    Ok(())
+}
+
 /// `cpu`, `cuda:N` or `metal:N`, as `--device` names it.
 fn device_name(device: &candle_core::Device) -> String {
     match device.location() {
@@ -257,6 +277,13 @@ fn device_name(device: &candle_core::Device) -> String {
 /// run down, and a job script can switch it on without changing the command.
 fn profile_requested() -> bool {
     std::env::var_os("ARMORM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `ARMORM_FUSED_OPS=1` (any value but empty or 0): the fused elementwise ops (SiLU·mul, residual add,
+/// RMSNorm with their casts) instead of candle's pairs of passes. Experimental, for measuring on a GPU
+/// (scripts/gpu-check.sh); an environment variable until measured, as ARMORM_PROFILE is.
+fn fused_ops_requested() -> bool {
+    std::env::var_os("ARMORM_FUSED_OPS").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// How the run uses the machine and the terminal.

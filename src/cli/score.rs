@@ -371,6 +371,7 @@ impl<'a> Job<'a> {
             "template_hash": loaded.provenance.template_hash,
             "dtype": format!("{:?}", loaded.dtype),
             "attention": loaded.provenance.attention,
+            "fused_ops": loaded.scorer.fused_ops(),
             "device": kinds,
             "inputs": inputs.iter().map(file_fingerprint).collect::<Vec<_>>(),
             "columns": [&self.reading.names.prompt, &self.reading.names.response, &self.reading.names.messages],

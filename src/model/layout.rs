@@ -24,6 +24,8 @@ pub(super) struct Layout {
     pub(super) pick_cos: Tensor, // (p, d/2)
     pub(super) pick_sin: Tensor,
     pub(super) attention: AttentionKind,
+    /// Fused elementwise ops (`fused.rs`) instead of candle's pairs of passes.
+    pub(super) fused: bool,
     pub(super) grid: Grid,
     /// The model's timer (off unless a profile is on).
     pub(super) timer: Timer,
@@ -115,6 +117,7 @@ impl Layout {
             pick_cos: gather(&cos_t, &pick_positions)?,
             pick_sin: gather(&sin_t, &pick_positions)?,
             attention,
+            fused: false,
             grid,
             timer: Timer::default(),
         })

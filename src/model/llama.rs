@@ -7,6 +7,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::attention::Attention;
 use super::config::ArmoRMConfig;
+use super::fused;
 use super::layout::Layout;
 use super::profile::{Section, Timer};
 use super::rope::{self, RopeTables};
@@ -53,12 +54,18 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor, tm: &Timer) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+        let tm = &lay.timer;
         // `move` closures drop each input as soon as it is used, as the unprofiled expression did.
         let gate = tm.time(Section::MlpMatmul, || self.gate_proj.forward(xs))?;
-        let gate = tm.time(Section::SiluMul, move || candle_nn::ops::silu(&gate))?;
         let up = tm.time(Section::MlpMatmul, || self.up_proj.forward(xs))?;
-        let act = tm.time(Section::SiluMul, move || gate * up)?;
+        let act = tm.time(Section::SiluMul, move || {
+            if lay.fused {
+                fused::silu_mul(&gate, &up)
+            } else {
+                candle_nn::ops::silu(&gate)? * up
+            }
+        })?;
         tm.time(Section::MlpMatmul, move || self.down_proj.forward(&act))
     }
 }
@@ -101,7 +108,7 @@ impl DecoderLayer {
 
     fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let normed = norm_to(&self.post_attention_layernorm, xs, lay)?;
-        let mlp = self.mlp.forward(&normed, &lay.timer)?;
+        let mlp = self.mlp.forward(&normed, lay)?;
         add_f32(xs, mlp, lay)
     }
 
@@ -119,17 +126,24 @@ impl DecoderLayer {
 
 /// The f32 residual stream normed, in the blocks' compute dtype.
 fn norm_to(norm: &RmsNorm, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
-    let normed = lay.timer.time(Section::Norm, || norm.forward(xs))?;
-    lay.timer
-        .time(Section::Cast, move || normed.to_dtype(lay.dtype))
+    let tm = &lay.timer;
+    if lay.fused {
+        return tm.time(Section::Norm, || {
+            fused::rms_norm_to(xs, &norm.weight, norm.eps, lay.dtype)
+        });
+    }
+    let normed = tm.time(Section::Norm, || norm.forward(xs))?;
+    tm.time(Section::Cast, move || normed.to_dtype(lay.dtype))
 }
 
 /// `xs` + a block's output, back in f32.
 fn add_f32(xs: &Tensor, block: Tensor, lay: &Layout) -> Result<Tensor> {
-    let block = lay
-        .timer
-        .time(Section::Cast, move || block.to_dtype(DType::F32))?;
-    lay.timer.time(Section::Residual, move || xs + block)
+    let tm = &lay.timer;
+    if lay.fused {
+        return tm.time(Section::Residual, move || fused::add_f32(xs, &block));
+    }
+    let block = tm.time(Section::Cast, move || block.to_dtype(DType::F32))?;
+    tm.time(Section::Residual, move || xs + block)
 }
 
 /// `model.*` of the checkpoint: embeddings, decoder layers and the final norm.
@@ -142,6 +156,7 @@ pub struct Llama {
     dtype: DType,
     device: Device,
     attention: AttentionKind,
+    fused: bool,
     timer: Timer,
 }
 
@@ -163,6 +178,7 @@ impl Llama {
                 vb.device(),
             )?,
             attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
+            fused: false,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             timer: Timer::default(),
@@ -177,6 +193,16 @@ impl Llama {
 
     pub fn attention(&self) -> AttentionKind {
         self.attention
+    }
+
+    /// Runs the fused elementwise ops of `fused.rs` (or not).
+    pub fn with_fused_ops(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
+    }
+
+    pub fn fused_ops(&self) -> bool {
+        self.fused
     }
 
     /// `varlen::flash_self_check` with this model's heads, device and dtype.
@@ -256,6 +282,7 @@ impl Llama {
             Ok((lay, Tensor::from_slice(ids, ids.len(), &self.device)?))
         })?;
         lay.timer = tm.clone();
+        lay.fused = self.fused;
         let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
         let mut xs = tm.time(Section::Cast, move || xs.to_dtype(DType::F32))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {

@@ -2,6 +2,7 @@
 
 mod attention;
 pub mod config;
+mod fused;
 pub mod head;
 mod layout;
 pub mod llama;
@@ -147,6 +148,22 @@ impl ArmoRM {
         self.model.attention()
     }
 
+    /// Runs the fused elementwise ops (`fused.rs`; experimental, for the GPU) or not.
+    pub fn with_fused_ops(mut self, fused: bool) -> Self {
+        self.model = self.model.with_fused_ops(fused);
+        self
+    }
+
+    pub fn fused_ops(&self) -> bool {
+        self.model.fused_ops()
+    }
+
+    /// The largest difference between the fused ops and the unfused ones on random rows of this
+    /// model's width, on its device and in its dtype (see `fused::self_check`).
+    pub fn fused_self_check(&self, hidden: usize) -> Result<f32> {
+        fused::self_check(self.model.device(), self.model.dtype(), hidden)
+    }
+
     /// The largest difference between flash attention and the reference on random rows with this
     /// model's heads (see `varlen::flash_self_check`).
     pub fn flash_self_check(&self) -> Result<f32> {
@@ -273,6 +290,21 @@ mod tests {
             let d = max_diff(a, b);
             assert!(d < tolerance, "{name} differs by {d}");
         }
+    }
+
+    #[test]
+    fn fused_ops_give_the_unfused_results() {
+        let plain = random_model();
+        let fused = plain.clone().with_fused_ops(true);
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 60, 20), (3, 1, 0)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = plain.forward(&batch).unwrap();
+        assert_same_outputs(&fused.forward(&batch).unwrap(), &want, 1e-5);
+        // And through the flat layout with cached prefixes.
+        let flat = fused.with_attention(AttentionKind::VarlenReference);
+        assert_same_outputs(&flat.forward(&batch).unwrap(), &want, 1e-5);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `--attention`: flash attention's flat layout (cumulative lengths, [prefix; new] key sequences)
 //! gives transformers' results, checked through the hidden `varlen-reference` kernel (the same
-//! contract computed with matmuls, on the CPU); flash itself is refused where it cannot run.
+//! contract computed with matmuls, on the CPU); flash itself is refused where it cannot run. And the
+//! experimental fused elementwise ops (`ARMORM_FUSED_OPS=1`) give the same results.
 
 use crate::common::*;
 use crate::sharing::{assert_same, best_of_n, repeated_goldens, saved_tokens, score};
@@ -103,5 +104,26 @@ fn the_output_records_the_attention() {
         let stderr = String::from_utf8_lossy(&run.stderr);
         let setup = format!("{want} attention, batches of up to {budget} tokens\n");
         assert!(stderr.ends_with(&setup), "{stderr}");
+    }
+}
+
+/// The fused ops' arithmetic (their CPU version) equals transformers in f32, alone and with the flat
+/// layout and prefix sharing, and the summary line says they ran.
+#[test]
+fn fused_ops_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fused = [("ARMORM_FUSED_OPS", "1")];
+    let input = repeated_goldens(dir.path());
+    for model in [TINY, ALT] {
+        let goldens = goldens(model);
+        let (whole, _) = score(&input, model, &["--prefix-sharing", "off"], &[]);
+        for extra in [&[][..], FLAT] {
+            let (rows, log) = score(&input, model, extra, &fused);
+            assert!(log.contains("attention, fused ops, batches"), "{log}");
+            assert_same(&rows, &whole);
+            for row in rows.iter().filter(|r| !r.id.ends_with("~other")) {
+                assert_close(row, &golden_as_scored(&row.id, &goldens[&row.id]), 1e-4);
+            }
+        }
     }
 }

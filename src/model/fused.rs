@@ -1,0 +1,456 @@
+//! Fused elementwise ops (`ARMORM_FUSED_OPS=1`, experimental): SiLU·mul, the residual add with its
+//! cast, and RMSNorm with its cast, each one pass over a layer's activations instead of two. On CUDA
+//! they run armorm's kernels (`fused.cu`); on the CPU a plain loop of the same arithmetic, so that the
+//! model's use of them is tested anywhere. Off by default until the GPU check has measured them.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+
+/// silu(gate) · up in f32, rounded once to their dtype. `gate`, `up` (n, i) -> (n, i).
+pub(super) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.apply_op2_no_bwd(up, &SiluMul)
+}
+
+/// The f32 residual stream plus a block's output in the compute dtype: (n, h) f32.
+pub(super) fn add_f32(residual: &Tensor, block: &Tensor) -> Result<Tensor> {
+    residual.apply_op2_no_bwd(block, &AddF32)
+}
+
+/// RMSNorm of f32 rows with an f32 weight, in `dtype`. `x` (n, h) f32 -> (n, h).
+pub(super) fn rms_norm_to(x: &Tensor, weight: &Tensor, eps: f32, dtype: DType) -> Result<Tensor> {
+    x.apply_op2_no_bwd(weight, &RmsNormTo { eps, dtype })
+}
+
+/// The largest difference between the fused ops and candle's unfused ones on random rows of
+/// `hidden` values on `device`, in `dtype`, relative to the largest magnitude of each op's output (at
+/// least 1). armorm's kernels are compiled here but first run on the
+/// user's card, so a run checks them once before trusting them. NaN reads as infinity.
+pub fn self_check(device: &Device, dtype: DType, hidden: usize) -> Result<f32> {
+    let x = Tensor::randn(0f32, 1.0, (64, hidden), device)?;
+    let w = Tensor::randn(1f32, 0.2, hidden, device)?;
+    let g = Tensor::randn(0f32, 2.0, (64, hidden), device)?.to_dtype(dtype)?;
+    let u = Tensor::randn(0f32, 1.0, (64, hidden), device)?.to_dtype(dtype)?;
+    let block = x.to_dtype(dtype)?;
+    let pairs = [
+        (silu_mul(&g, &u)?, (candle_nn::ops::silu(&g)? * &u)?),
+        (add_f32(&x, &block)?, (&x + block.to_dtype(DType::F32)?)?),
+        (
+            rms_norm_to(&x, &w, 1e-5, dtype)?,
+            candle_nn::ops::rms_norm(&x, &w, 1e-5)?.to_dtype(dtype)?,
+        ),
+    ];
+    let mut worst = 0f32;
+    for (fused, unfused) in pairs {
+        let diff = relative_diff(&fused, &unfused)?;
+        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+    }
+    Ok(worst)
+}
+
+/// max |a - b| / max(1, max |b|).
+fn relative_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let b = b.to_dtype(DType::F32)?;
+    let largest = |t: &Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+    let diff = largest(&(a.to_dtype(DType::F32)? - &b)?)?;
+    Ok(diff / largest(&b)?.max(1.0))
+}
+
+fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(range) => Ok(range),
+        None => candle_core::bail!("fused {what}: input not contiguous"),
+    }
+}
+
+fn f32_of<T: WithDType>(x: T) -> f32 {
+    x.to_f64() as f32
+}
+
+struct SiluMul;
+
+impl SiluMul {
+    fn cpu<T: WithDType>(gate: &[T], up: &[T]) -> Vec<T> {
+        gate.iter()
+            .zip(up)
+            .map(|(&g, &u)| {
+                let g = f32_of(g);
+                T::from_f64((g / (1.0 + (-g).exp()) * f32_of(u)) as f64)
+            })
+            .collect()
+    }
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "armorm-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((a1, b1), (a2, b2)) = (contiguous(l1, "silu·mul")?, contiguous(l2, "silu·mul")?);
+        let out = match (s1, s2) {
+            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => {
+                CpuStorage::BF16(Self::cpu(&g[a1..b1], &u[a2..b2]))
+            }
+            (CpuStorage::F16(g), CpuStorage::F16(u)) => {
+                CpuStorage::F16(Self::cpu(&g[a1..b1], &u[a2..b2]))
+            }
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
+                CpuStorage::F32(Self::cpu(&g[a1..b1], &u[a2..b2]))
+            }
+            _ => candle_core::bail!("fused silu·mul: bf16, f16 or f32 inputs of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::silu_mul(s1, l1, s2, l2)
+    }
+}
+
+struct AddF32;
+
+impl AddF32 {
+    fn cpu<T: WithDType>(residual: &[f32], block: &[T]) -> Vec<f32> {
+        residual
+            .iter()
+            .zip(block)
+            .map(|(&r, &b)| r + f32_of(b))
+            .collect()
+    }
+}
+
+impl CustomOp2 for AddF32 {
+    fn name(&self) -> &'static str {
+        "armorm-add-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((a1, b1), (a2, b2)) = (contiguous(l1, "add")?, contiguous(l2, "add")?);
+        let CpuStorage::F32(residual) = s1 else {
+            candle_core::bail!("fused add: the residual stream must be f32")
+        };
+        let residual = &residual[a1..b1];
+        let out = match s2 {
+            CpuStorage::BF16(b) => Self::cpu(residual, &b[a2..b2]),
+            CpuStorage::F16(b) => Self::cpu(residual, &b[a2..b2]),
+            CpuStorage::F32(b) => Self::cpu(residual, &b[a2..b2]),
+            _ => candle_core::bail!("fused add: a bf16, f16 or f32 block"),
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::add_f32(s1, l1, s2, l2)
+    }
+}
+
+struct RmsNormTo {
+    eps: f32,
+    dtype: DType,
+}
+
+impl RmsNormTo {
+    fn cpu<T: WithDType>(x: &[f32], weight: &[f32], eps: f32) -> Vec<T> {
+        let cols = weight.len();
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(cols) {
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            out.extend(
+                row.iter()
+                    .zip(weight)
+                    .map(|(&v, &w)| T::from_f64((v * scale * w) as f64)),
+            );
+        }
+        out
+    }
+}
+
+impl CustomOp2 for RmsNormTo {
+    fn name(&self) -> &'static str {
+        "armorm-rms-norm-to"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((a1, b1), (a2, b2)) = (contiguous(l1, "rms norm")?, contiguous(l2, "rms norm")?);
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("fused rms norm: f32 rows and weight")
+        };
+        let (x, w) = (&x[a1..b1], &w[a2..b2]);
+        if w.is_empty() || x.len() % w.len() != 0 {
+            candle_core::bail!(
+                "fused rms norm: rows of {} values, weight of {}",
+                x.len(),
+                w.len()
+            )
+        }
+        let out = match self.dtype {
+            DType::BF16 => CpuStorage::BF16(Self::cpu(x, w, self.eps)),
+            DType::F16 => CpuStorage::F16(Self::cpu(x, w, self.eps)),
+            DType::F32 => CpuStorage::F32(Self::cpu(x, w, self.eps)),
+            other => candle_core::bail!("fused rms norm: no output in {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm_to(s1, l1, s2, l2, self.eps, self.dtype)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! Launches of `fused.cu`'s kernels (PTX built by build.rs).
+
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{kernel_name, CudaStorageSlice as S, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
+
+    use super::contiguous;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    const MODULE: &str = "armorm_fused";
+
+    /// Grid-stride elementwise launches: enough blocks to fill the card, 256 threads each.
+    fn elementwise(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn storage(slice: S, device: &CudaDevice, shape: &Shape) -> (CudaStorage, Shape) {
+        let device = device.clone();
+        (CudaStorage { slice, device }, shape.clone())
+    }
+
+    pub(super) fn silu_mul(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            (g, gr): (&CudaSlice<T>, (usize, usize)),
+            (u, ur): (&CudaSlice<T>, (usize, usize)),
+        ) -> Result<CudaSlice<T>> {
+            let n = gr.1 - gr.0;
+            let (g, u) = (g.slice(gr.0..gr.1), u.slice(ur.0..ur.1));
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("silu_mul"), MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&g);
+            b.arg(&u);
+            b.arg(&out);
+            b.arg(&n);
+            // SAFETY: the arguments match the kernel's signature; sizes are checked above.
+            unsafe { b.launch(elementwise(n)) }.w()?;
+            Ok(out)
+        }
+        let (r1, r2) = (contiguous(l1, "silu·mul")?, contiguous(l2, "silu·mul")?);
+        let dev = &s1.device;
+        let out = match (&s1.slice, &s2.slice) {
+            (S::BF16(g), S::BF16(u)) => S::BF16(run(dev, (g, r1), (u, r2))?),
+            (S::F16(g), S::F16(u)) => S::F16(run(dev, (g, r1), (u, r2))?),
+            (S::F32(g), S::F32(u)) => S::F32(run(dev, (g, r1), (u, r2))?),
+            _ => candle_core::bail!("fused silu·mul: bf16, f16 or f32 inputs of one dtype"),
+        };
+        Ok(storage(out, dev, l1.shape()))
+    }
+
+    pub(super) fn add_f32(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            (r, rr): (&CudaSlice<f32>, (usize, usize)),
+            (b, br): (&CudaSlice<T>, (usize, usize)),
+        ) -> Result<CudaSlice<f32>> {
+            let n = rr.1 - rr.0;
+            let (r, b) = (r.slice(rr.0..rr.1), b.slice(br.0..br.1));
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<f32>(n)? };
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("add_f32"), MODULE, PTX)?;
+            let mut l = func.builder();
+            l.arg(&r);
+            l.arg(&b);
+            l.arg(&out);
+            l.arg(&n);
+            // SAFETY: the arguments match the kernel's signature; sizes are checked above.
+            unsafe { l.launch(elementwise(n)) }.w()?;
+            Ok(out)
+        }
+        let (r1, r2) = (contiguous(l1, "add")?, contiguous(l2, "add")?);
+        let dev = &s1.device;
+        let S::F32(residual) = &s1.slice else {
+            candle_core::bail!("fused add: the residual stream must be f32")
+        };
+        let out = match &s2.slice {
+            S::BF16(b) => run(dev, (residual, r1), (b, r2))?,
+            S::F16(b) => run(dev, (residual, r1), (b, r2))?,
+            S::F32(b) => run(dev, (residual, r1), (b, r2))?,
+            _ => candle_core::bail!("fused add: a bf16, f16 or f32 block"),
+        };
+        Ok(storage(S::F32(out), dev, l1.shape()))
+    }
+
+    pub(super) fn rms_norm_to(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        eps: f32,
+        dtype: DType,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            x: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+            w: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+            (rows, cols): (usize, usize),
+            eps: f32,
+        ) -> Result<CudaSlice<T>> {
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<T>(rows * cols)? };
+            let func =
+                dev.get_or_load_custom_func(&kernel_name::<T>("rms_norm_to"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (cols.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let cols = cols as i32;
+            let mut b = func.builder();
+            b.arg(x);
+            b.arg(w);
+            b.arg(&out);
+            b.arg(&cols);
+            b.arg(&eps);
+            // SAFETY: the arguments match the kernel's signature; sizes are checked by the caller.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(out)
+        }
+        let (r1, r2) = (contiguous(l1, "rms norm")?, contiguous(l2, "rms norm")?);
+        let dev = &s1.device;
+        let (S::F32(x), S::F32(w)) = (&s1.slice, &s2.slice) else {
+            candle_core::bail!("fused rms norm: f32 rows and weight")
+        };
+        let cols = r2.1 - r2.0;
+        if cols == 0 || (r1.1 - r1.0) % cols != 0 {
+            candle_core::bail!("fused rms norm: rows do not match the weight of {cols}")
+        }
+        let shape = ((r1.1 - r1.0) / cols, cols);
+        let (x, w) = (x.slice(r1.0..r1.1), w.slice(r2.0..r2.1));
+        let out = match dtype {
+            DType::BF16 => S::BF16(run(dev, &x, &w, shape, eps)?),
+            DType::F16 => S::F16(run(dev, &x, &w, shape, eps)?),
+            DType::F32 => S::F32(run(dev, &x, &w, shape, eps)?),
+            other => candle_core::bail!("fused rms norm: no output in {other:?}"),
+        };
+        Ok(storage(out, dev, l1.shape()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        relative_diff(a, b).unwrap()
+    }
+
+    #[test]
+    fn the_self_check_passes_on_the_cpu() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let diff = self_check(&Device::Cpu, dtype, 100).unwrap();
+            assert!(diff < 5e-2, "{dtype:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn fused_ops_equal_the_unfused_ones() {
+        let dev = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 48), dev).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 48, dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (g, u) = (
+                Tensor::randn(0f32, 2.0, (5, 48), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+                Tensor::randn(0f32, 1.0, (5, 48), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            // bf16: the unfused path rounds twice, the fused one once (relative differences).
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(
+                max_diff(&silu_mul(&g, &u).unwrap(), &want) < tol,
+                "silu·mul {dtype:?}"
+            );
+
+            let block = x.to_dtype(dtype).unwrap();
+            let want = (&x + block.to_dtype(DType::F32).unwrap()).unwrap();
+            assert!(
+                max_diff(&add_f32(&x, &block).unwrap(), &want) < 1e-6,
+                "add {dtype:?}"
+            );
+
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let got = rms_norm_to(&x, &w, 1e-5, dtype).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(max_diff(&got, &want) < tol, "rms norm {dtype:?}");
+        }
+    }
+}
