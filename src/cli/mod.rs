@@ -142,16 +142,7 @@ impl ModelArgs {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
             attention = loader::attention(&self.attention, device, dtype, config.head_dim())?;
-            let model = model
-                .with_attention(attention)
-                .with_fused_ops(fused_ops_requested());
-            if attention == AttentionKind::Flash {
-                check_flash(&model, device)?;
-            }
-            if model.fused_ops() {
-                check_fused(&model, device, config.hidden_size)?;
-            }
-            models.push(model);
+            models.push(with_kernels(model, attention, device, &config)?);
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
@@ -227,20 +218,39 @@ fn attention_values() -> clap::builder::PossibleValuesParser {
     ])
 }
 
-/// Largest difference flash attention may show against the f32-softmax reference on the self-check's
-/// random bf16/f16 rows (outputs of magnitude ~1). Rounding gives ~1e-2; a kernel that did not run
-/// leaves uninitialized memory, far beyond it.
-const FLASH_SELF_CHECK_TOLERANCE: f32 = 5e-2;
+/// Largest difference armorm's GPU kernels (flash attention, fused ops) may show against their
+/// references on the self-checks' random bf16/f16 rows (outputs of magnitude ~1, or relative). Rounding
+/// gives ~1e-2; a kernel that did not run leaves uninitialized memory, far beyond it.
+const SELF_CHECK_TOLERANCE: f32 = 5e-2;
+
+/// The model with its attention and (if asked for) the fused ops, each checked on the device first.
+fn with_kernels(
+    model: ArmoRM,
+    attention: AttentionKind,
+    device: &candle_core::Device,
+    config: &ArmoRMConfig,
+) -> Result<ArmoRM> {
+    let model = model
+        .with_attention(attention)
+        .with_fused_ops(fused_ops_requested());
+    if attention == AttentionKind::Flash {
+        check_flash(&model, device)?;
+    }
+    if model.fused_ops() {
+        check_fused(&model, device, config.hidden_size)?;
+    }
+    Ok(model)
+}
 
 /// Refuses flash attention whose kernels do not compute what the reference does on this device.
 fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
     let diff = model
         .flash_self_check()
         .with_context(|| format!("flash attention self-check on {}", device_name(device)))?;
-    if diff > FLASH_SELF_CHECK_TOLERANCE {
+    if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
             "flash attention on {} differs from the reference by {diff} on random rows (allowed \
-             {FLASH_SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device; use \
+             {SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device; use \
              --attention blocked",
             device_name(device)
         );
@@ -253,10 +263,10 @@ fn check_fused(model: &ArmoRM, device: &candle_core::Device, hidden: usize) -> R
     let diff = model
         .fused_self_check(hidden)
         .with_context(|| format!("fused ops self-check on {}", device_name(device)))?;
-    if diff > FLASH_SELF_CHECK_TOLERANCE {
+    if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
             "ARMORM_FUSED_OPS: the fused ops on {} differ from candle's by {diff} (relative) on random \
-             rows (allowed {FLASH_SELF_CHECK_TOLERANCE}); unset ARMORM_FUSED_OPS",
+             rows (allowed {SELF_CHECK_TOLERANCE}); unset ARMORM_FUSED_OPS",
             device_name(device)
         );
     }
