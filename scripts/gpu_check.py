@@ -630,18 +630,19 @@ class Check:
             rows = []
             if arm:
                 rows.append((f"armorm bf16 {arm['attention']} ({arm['budget']} tok)", arm["seconds"]))
-            fused = res.get("armorm_fused", {}).get(case)
-            if arm and fused:
-                rows.append(("armorm bf16 ARMORM_FUSED_OPS=1", fused["seconds"]))
-                diff = max(abs(arm["scores"][i] - fused["scores"][i]) for i in arm["scores"])
-                p(f"{case:10} armorm fused ops vs not (bf16): max |score diff| {diff:.2e}, "
-                  f"{arm['seconds'] / fused['seconds']:.2f}x faster")
-            blocked = res.get("armorm_blocked", {}).get(case)
-            if arm and blocked:
-                rows.append(("armorm bf16 --attention blocked", blocked["seconds"]))
-                diff = max(abs(arm["scores"][i] - blocked["scores"][i]) for i in arm["scores"])
-                p(f"{case:10} armorm {arm['attention']} vs blocked (bf16): max |score diff| {diff:.2e}, "
-                  f"{blocked['seconds'] / arm['seconds']:.2f}x faster")
+            # Variants of armorm's own run: (key, row label, what is compared, which side is the new one).
+            for key, label, versus, new_is_variant in (
+                    ("armorm_fused", "armorm bf16 ARMORM_FUSED_OPS=1", "fused ops vs not", True),
+                    ("armorm_blocked", "armorm bf16 --attention blocked",
+                     f"{arm['attention'] if arm else ''} vs blocked", False)):
+                other = res.get(key, {}).get(case)
+                if not (arm and other):
+                    continue
+                rows.append((label, other["seconds"]))
+                diff = max(abs(arm["scores"][i] - other["scores"][i]) for i in arm["scores"])
+                new, old = (other, arm) if new_is_variant else (arm, other)
+                p(f"{case:10} armorm {versus} (bf16): max |score diff| {diff:.2e}, "
+                  f"{old['seconds'] / new['seconds']:.2f}x faster")
             off = res.get("armorm_unshared", {}).get(case)
             if arm and off:
                 rows.append(("armorm bf16 --prefix-sharing off", off["seconds"]))

@@ -265,6 +265,31 @@ mod cuda {
         (CudaStorage { slice, device }, shape.clone())
     }
 
+    /// `out[i] = f(a[i], b[i])` by kernel `name`, with signature (a, b, out, n).
+    fn binary<A: DeviceRepr, B: DeviceRepr, O: DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        (a, ar): (&CudaSlice<A>, (usize, usize)),
+        (b, br): (&CudaSlice<B>, (usize, usize)),
+    ) -> Result<CudaSlice<O>> {
+        let n = ar.1 - ar.0;
+        if br.1 - br.0 != n {
+            candle_core::bail!("fused {name}: inputs of {n} and {} values", br.1 - br.0)
+        }
+        let (a, b) = (a.slice(ar.0..ar.1), b.slice(br.0..br.1));
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<O>(n)? };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut l = func.builder();
+        l.arg(&a);
+        l.arg(&b);
+        l.arg(&out);
+        l.arg(&n);
+        // SAFETY: the arguments match the kernel's signature; sizes are checked above.
+        unsafe { l.launch(elementwise(n)) }.w()?;
+        Ok(out)
+    }
+
     pub(super) fn silu_mul(
         s1: &CudaStorage,
         l1: &Layout,
@@ -273,22 +298,10 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
-            (g, gr): (&CudaSlice<T>, (usize, usize)),
-            (u, ur): (&CudaSlice<T>, (usize, usize)),
+            gate: (&CudaSlice<T>, (usize, usize)),
+            up: (&CudaSlice<T>, (usize, usize)),
         ) -> Result<CudaSlice<T>> {
-            let n = gr.1 - gr.0;
-            let (g, u) = (g.slice(gr.0..gr.1), u.slice(ur.0..ur.1));
-            // SAFETY: every element is written by the kernel below.
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let func = dev.get_or_load_custom_func(&kernel_name::<T>("silu_mul"), MODULE, PTX)?;
-            let mut b = func.builder();
-            b.arg(&g);
-            b.arg(&u);
-            b.arg(&out);
-            b.arg(&n);
-            // SAFETY: the arguments match the kernel's signature; sizes are checked above.
-            unsafe { b.launch(elementwise(n)) }.w()?;
-            Ok(out)
+            binary(dev, &kernel_name::<T>("silu_mul"), gate, up)
         }
         let (r1, r2) = (contiguous(l1, "silu·mul")?, contiguous(l2, "silu·mul")?);
         let dev = &s1.device;
@@ -309,22 +322,10 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
-            (r, rr): (&CudaSlice<f32>, (usize, usize)),
-            (b, br): (&CudaSlice<T>, (usize, usize)),
+            residual: (&CudaSlice<f32>, (usize, usize)),
+            block: (&CudaSlice<T>, (usize, usize)),
         ) -> Result<CudaSlice<f32>> {
-            let n = rr.1 - rr.0;
-            let (r, b) = (r.slice(rr.0..rr.1), b.slice(br.0..br.1));
-            // SAFETY: every element is written by the kernel below.
-            let out = unsafe { dev.alloc::<f32>(n)? };
-            let func = dev.get_or_load_custom_func(&kernel_name::<T>("add_f32"), MODULE, PTX)?;
-            let mut l = func.builder();
-            l.arg(&r);
-            l.arg(&b);
-            l.arg(&out);
-            l.arg(&n);
-            // SAFETY: the arguments match the kernel's signature; sizes are checked above.
-            unsafe { l.launch(elementwise(n)) }.w()?;
-            Ok(out)
+            binary(dev, &kernel_name::<T>("add_f32"), residual, block)
         }
         let (r1, r2) = (contiguous(l1, "add")?, contiguous(l2, "add")?);
         let dev = &s1.device;
