@@ -64,13 +64,12 @@ impl Attention {
     pub(super) fn forward_picked(
         &self,
         xs: &Tensor,
-        picked: &Tensor,
         lay: &Layout,
         past: Option<&Kv>,
     ) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let (out, kv) = match &lay.grid {
-            Grid::Padded(grid) => self.attend_picked(xs, picked, lay, grid, past)?,
+            Grid::Padded(grid) => self.attend_picked(xs, lay, grid, past)?,
             // A pick that is not a row's last token (the gate) is no query suffix a varlen kernel
             // can take alone: attend at every token, keep the picks (one layer of 32: < 1% more work).
             Grid::Varlen(grid) => {
@@ -118,13 +117,13 @@ impl Attention {
     fn attend_picked(
         &self,
         xs: &Tensor,
-        picked: &Tensor,
         lay: &Layout,
         grid: &Padded,
         past: Option<&Kv>,
     ) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
-        let q = tm.time(Section::Qkv, || self.q_proj.forward(picked))?;
+        let picked = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?; // (p, h)
+        let q = tm.time(Section::Qkv, move || self.q_proj.forward(&picked))?;
         let q = tm.time(Section::Rope, move || {
             self.rope(&q, self.num_heads, &lay.pick_cos, &lay.pick_sin)
         })?; // (p, nh·d)

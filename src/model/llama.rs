@@ -116,8 +116,7 @@ impl DecoderLayer {
     fn forward_picked(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
-        let picked = tm.time(Section::Gather, || normed.index_select(&lay.pick_index, 0))?; // (p, h)
-        let (attn, kv) = self.self_attn.forward_picked(&normed, &picked, lay, past)?;
+        let (attn, kv) = self.self_attn.forward_picked(&normed, lay, past)?;
         let residual = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
         let xs = add_f32(&residual, attn, lay)?;
         Ok((self.mlp_residual(&xs, lay)?, kv))

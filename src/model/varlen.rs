@@ -69,8 +69,8 @@ pub fn flash_unsupported(device: &Device, dtype: DType, head_dim: usize) -> Opti
 /// end; keys are each row's cached tokens followed by its new ones, end to end.
 pub(super) struct Varlen {
     /// Cumulative query (new token) counts, b + 1 entries, on the host and on the device (u32).
-    pub(super) cu_q: Vec<usize>,
-    pub(super) cu_k: Vec<usize>,
+    cu_q: Vec<usize>,
+    cu_k: Vec<usize>,
     cu_q_dev: Tensor,
     cu_k_dev: Tensor,
     max_q: usize,
