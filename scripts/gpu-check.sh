@@ -7,10 +7,10 @@
 # It generates random bf16 weights of ArmoRM-Llama3-8B's shape, then (scripts/gpu_check.py): the first-run
 # kernel compile, armorm bf16 (flash attention) on 1,024 short rows and on 32 long rows, one
 # ARMORM_PROFILE=1 run of each, the same with ARMORM_FUSED_OPS=1, transformers bf16 at several sorted batch
-# sizes on both, f32 parity on short and long rows, the bf16 Pearson figures, and armorm with the old
-# blocked attention; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
+# sizes on both, f32 parity on short and long rows, the bf16 Pearson figures, the same with
+# ARMORM_BF16_RESIDUAL=1, and armorm with the old blocked attention; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
 # `--skip profile,parity`, `--best-of-8`, `--time-limit 300`); `--help` lists them.
-# Budget (estimated, not yet measured on this version): 7-8.5 minutes on an H200 with --best-of-8; phases
+# Budget (estimated, not yet measured on this version): 7.5-9 minutes on an H200 with --best-of-8; phases
 # not started by --time-limit (400 s) are skipped, the blocked-attention repeat (last) first; the log and
 # gpu-check.json go to $OUT.
 set -euo pipefail

@@ -17,6 +17,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            compared against the fastest;
   fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=1 (armorm's fused SiLU·mul, residual add and
            RMSNorm kernels, issue 10 step 3): their gain and the largest score difference;
+  residual armorm bf16 on both cases with ARMORM_BF16_RESIDUAL=1 (the residual stream in bf16, as
+           transformers keeps it, instead of f32; issue 10 step 3 "measure both"): its gain, the largest
+           score difference and its own Pearson figure against transformers-f32;
   blocked  armorm bf16 with --attention blocked (the padded matmul attention from before flash attention)
            on both cases: flash attention's gain on the same card in the same run, and the largest score
            difference between the two;
@@ -26,8 +29,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 
 Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
 version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
-armorm fused 20, armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes), armorm
-blocked 45 (the issue's own rates), transformers f32 25; about 7 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+armorm fused 20, armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes),
+transformers f32 25, armorm bf16 residual 20, armorm blocked 45 (the issue's own rates); about 7.5
+minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -71,7 +75,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "blocked", "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "residual", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
 
@@ -456,6 +460,11 @@ class Check:
             if self.on(case):
                 self.armorm_case(case, "armorm_fused", env={"ARMORM_FUSED_OPS": "1"})
 
+    def residual(self):
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, "armorm_residual", env={"ARMORM_BF16_RESIDUAL": "1"})
+
     def blocked(self):
         for case in ("short", "long"):
             if self.on(case):
@@ -586,6 +595,9 @@ class Check:
                                                                       "best-of-8", sizes))
         if parity and self.on("parity"):
             self.timed("transformers f32", self.parity)
+        # After the ratios and Pearson figures the issue's goals need: a variant to decide a default.
+        if self.on("residual"):
+            self.timed("armorm bf16 residual", self.residual)
         # Last: the issue already states the blocked path's rates; this only repeats them on this card.
         if self.on("blocked"):
             self.timed("armorm blocked", self.blocked)
@@ -633,6 +645,7 @@ class Check:
             # Variants of armorm's own run: (key, row label, what is compared, which side is the new one).
             for key, label, versus, new_is_variant in (
                     ("armorm_fused", "armorm bf16 ARMORM_FUSED_OPS=1", "fused ops vs not", True),
+                    ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
                      f"{arm['attention'] if arm else ''} vs blocked", False)):
                 other = res.get(key, {}).get(case)
@@ -686,6 +699,17 @@ class Check:
         p(f"bf16 Pearson on {n} rows: armorm vs transformers-f32 {fmt(pa)} | transformers-bf16 vs "
           f"transformers-f32 {fmt(pt)} | armorm vs transformers-bf16 {fmt(pat)}")
         res["pearson"] = dict(rows=n, armorm_vs_tf32=pa, tf16_vs_tf32=pt, armorm_vs_tf16=pat)
+        # The variants whose default is decided from this run: their own figure against transformers-f32.
+        variants = []
+        for key, name in (("armorm_fused", "fused ops"), ("armorm_residual", "bf16 residual")):
+            scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
+                      **res.get(key, {}).get("long", {}).get("scores", {})}
+            pv, _ = self.pearson(scores, t32)
+            if pv is not None:
+                res["pearson"][f"{key}_vs_tf32"] = pv
+                variants.append(f"armorm {name} vs transformers-f32 {fmt(pv)}")
+        if variants:
+            p("bf16 Pearson of the variants: " + " | ".join(variants))
         if pa is not None and pt is not None:
             goals.append(("bf16: armorm agrees with tf-f32 as well as tf-bf16 does", f"{pa:.5f} vs {pt:.5f}",
                           pa >= pt - 1e-4))

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::DType;
+
 use crate::batch;
 use crate::encoder::Encoded;
 use crate::model::{ArmoRM, Continuations, FlatBatch, HeadOutput, Profile, RowScore, Section};
@@ -387,13 +389,23 @@ impl Scorer {
         self.models.first().is_some_and(|m| m.fused_ops())
     }
 
+    /// The backbone's residual stream dtype (f32 unless `ARMORM_BF16_RESIDUAL` in bf16 or f16).
+    pub fn residual_dtype(&self) -> DType {
+        self.models
+            .first()
+            .map_or(DType::F32, |m| m.residual_dtype())
+    }
+
     /// How batches run, for the summary line: the attention and the token budget (after any lowering).
     pub fn setup(&self) -> String {
         let attention = self.models.first().map_or("no", |m| m.attention().name());
-        let fused = self.fused_ops();
+        let fused = if self.fused_ops() { ", fused ops" } else { "" };
+        let residual = match self.residual_dtype() {
+            DType::F32 => String::new(),
+            dtype => format!(", {} residual", dtype.as_str()),
+        };
         format!(
-            "{attention} attention{}, batches of up to {} tokens",
-            if fused { ", fused ops" } else { "" },
+            "{attention} attention{fused}{residual}, batches of up to {} tokens",
             self.budget.load(Ordering::Relaxed)
         )
     }

@@ -232,7 +232,8 @@ fn with_kernels(
 ) -> Result<ArmoRM> {
     let model = model
         .with_attention(attention)
-        .with_fused_ops(fused_ops_requested());
+        .with_fused_ops(fused_ops_requested())
+        .with_compute_dtype_residual(env_flag("ARMORM_BF16_RESIDUAL"));
     if attention == AttentionKind::Flash {
         check_flash(&model, device)?;
     }
@@ -286,14 +287,24 @@ fn device_name(device: &candle_core::Device) -> String {
 /// the breakdown at the end. An environment variable, not a flag: it is a diagnostic that slows the
 /// run down, and a job script can switch it on without changing the command.
 fn profile_requested() -> bool {
-    std::env::var_os("ARMORM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0")
+    env_flag("ARMORM_PROFILE")
 }
 
 /// `ARMORM_FUSED_OPS=1` (any value but empty or 0): the fused elementwise ops (SiLU·mul, residual add,
 /// RMSNorm with their casts) instead of candle's pairs of passes. Experimental, for measuring on a GPU
 /// (scripts/gpu-check.sh); an environment variable until measured, as ARMORM_PROFILE is.
 fn fused_ops_requested() -> bool {
-    std::env::var_os("ARMORM_FUSED_OPS").is_some_and(|v| !v.is_empty() && v != "0")
+    env_flag("ARMORM_FUSED_OPS")
+}
+
+/// Whether the environment variable `name` is set to anything but empty or 0.
+///
+/// `ARMORM_BF16_RESIDUAL=1`: the backbone's residual stream in the compute dtype (bf16 or f16; no
+/// change in f32) instead of f32, as transformers keeps it: fewer bytes and no casts per block, at the
+/// cost of rounding after every block. Experimental, for measuring speed and the Pearson figures
+/// side by side on a GPU (scripts/gpu-check.sh, issue 10 step 3), as ARMORM_FUSED_OPS is.
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// How the run uses the machine and the terminal.

@@ -372,6 +372,7 @@ impl<'a> Job<'a> {
             "dtype": format!("{:?}", loaded.dtype),
             "attention": loaded.provenance.attention,
             "fused_ops": loaded.scorer.fused_ops(),
+            "residual": loaded.scorer.residual_dtype().as_str(),
             "device": kinds,
             "inputs": inputs.iter().map(file_fingerprint).collect::<Vec<_>>(),
             "columns": [&self.reading.names.prompt, &self.reading.names.response, &self.reading.names.messages],

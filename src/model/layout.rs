@@ -2,7 +2,7 @@
 //! cached prefixes: RoPE positions, and the padded grids and masks of blocked attention or the
 //! cumulative lengths of variable-length attention, built once per batch.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 
 use super::llama::Past;
 use super::profile::Timer;
@@ -146,14 +146,14 @@ impl Padded {
             None => to_padded.clone(),
         };
         let per_row = pick_positions.len() / b.max(1);
-        let mut pick_mask = vec![f32::NEG_INFINITY; b * per_row * t];
+        let mut pick_limits = vec![0u32; b * per_row];
         for (k, &pos) in pick_positions.iter().enumerate() {
             let (slot, r) = (k / b, k % b);
-            pick_mask[(r * per_row + slot) * t..][..=pos].fill(0.0);
+            pick_limits[r * per_row + slot] = pos as u32;
         }
         let causal = match past {
-            None => Tensor::from_vec(causal_mask(&[0], t, t), (1, 1, 1, t, t), dev)?,
-            Some(_) => Tensor::from_vec(causal_mask(cached, tq, t), (b, 1, 1, tq, t), dev)?,
+            None => causal_mask(&[0], t, t, dev)?.reshape((1, 1, 1, t, t))?,
+            Some(_) => causal_mask(cached, tq, t, dev)?.reshape((b, 1, 1, tq, t))?,
         };
         Ok(Self {
             b,
@@ -164,7 +164,7 @@ impl Padded {
             keys_to_padded,
             to_flat: Tensor::from_vec(to_flat, cu_lens[b], dev)?,
             causal,
-            pick_mask: Tensor::from_vec(pick_mask, (b, 1, 1, per_row, t), dev)?,
+            pick_mask: mask_upto(pick_limits, (b, 1, 1, per_row), t, dev)?,
         })
     }
 
@@ -234,13 +234,43 @@ fn key_grid(cu_lens: &[usize], cached_cu: &[usize], of: &[usize], t: usize) -> V
 }
 
 /// Additive causal masks (rows, tq, t), one per entry of `past`: query j sees the keys up to past + j.
-fn causal_mask(past: &[usize], tq: usize, t: usize) -> Vec<f32> {
-    let mut mask = vec![f32::NEG_INFINITY; past.len() * tq * t];
-    for (r, &c) in past.iter().enumerate() {
-        for j in 0..tq {
-            let row = &mut mask[(r * tq + j) * t..(r * tq + j + 1) * t];
-            row[..(c + j + 1).min(t)].fill(0.0);
-        }
+fn causal_mask(past: &[usize], tq: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let limits = past
+        .iter()
+        .flat_map(|&c| (0..tq).map(move |j| (c + j) as u32))
+        .collect();
+    mask_upto(limits, (past.len(), tq), t, dev)
+}
+
+/// Additive masks over `t` keys, 0 up to each limit (included) and -inf after: `limits` (…) ->
+/// (…, t) f32. On a GPU the mask is built by the device from the limits alone: filled on the host and
+/// copied, a t × t mask is 154 MB per batch at t = 6,200. On the CPU the host fill is the fastest way
+/// (a candle compare and select over the same elements took twice as long).
+fn mask_upto(limits: Vec<u32>, shape: impl Into<Shape>, t: usize, dev: &Device) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    if dev.is_cpu() {
+        let mut dims = shape.dims().to_vec();
+        dims.push(t);
+        return Tensor::from_vec(fill_upto(&limits, t), dims, dev);
+    }
+    mask_by_ops(limits, shape, t, dev)
+}
+
+/// `mask_upto` as device ops: a compare of the key positions with the limits, and a select.
+fn mask_by_ops(limits: Vec<u32>, shape: Shape, t: usize, dev: &Device) -> Result<Tensor> {
+    let limits = Tensor::from_vec(limits, shape.clone(), dev)?.unsqueeze(shape.rank())?; // (…, 1)
+    let keys = Tensor::arange(0u32, t as u32, dev)?; // (t)
+    let seen = keys.broadcast_le(&limits)?; // (…, t)
+    let zero = Tensor::new(0f32, dev)?.broadcast_as(seen.shape())?;
+    let never = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(seen.shape())?;
+    seen.where_cond(&zero, &never)
+}
+
+/// `mask_upto` on the host: one row of `t` per limit.
+fn fill_upto(limits: &[u32], t: usize) -> Vec<f32> {
+    let mut mask = vec![f32::NEG_INFINITY; limits.len() * t];
+    for (row, &limit) in mask.chunks_exact_mut(t.max(1)).zip(limits) {
+        row[..(limit as usize + 1).min(t)].fill(0.0);
     }
     mask
 }
@@ -286,9 +316,37 @@ mod tests {
         assert_eq!(grid, [3, 4, 5, 0, 0, 1, 2, 6]);
         let inf = f32::NEG_INFINITY;
         // Query j of a row with c cached tokens sees keys 0..=c + j.
+        let mask = causal_mask(&[1, 3], 2, 4, &Device::Cpu).unwrap();
+        assert_eq!(mask.dims(), [2, 2, 4]);
         assert_eq!(
-            causal_mask(&[1, 3], 2, 4),
+            mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             [0., 0., inf, inf, 0., 0., 0., inf, 0., 0., 0., 0., 0., 0., 0., 0.]
+        );
+    }
+
+    /// The masks a GPU builds from candle ops (here run on the CPU) equal the host's.
+    #[test]
+    fn device_built_masks_equal_the_host_fill() {
+        let limits: Vec<u32> = vec![0, 3, 9, 2, 5, 6];
+        let dev = Device::Cpu;
+        let t = 7;
+        let by_ops = mask_by_ops(limits.clone(), Shape::from((2, 3)), t, &dev).unwrap();
+        assert_eq!(by_ops.dims(), [2, 3, t]);
+        let host = mask_upto(limits.clone(), (2, 3), t, &dev).unwrap();
+        assert_eq!(host.dims(), [2, 3, t]);
+        let flat = |m: &Tensor| m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&by_ops), flat(&host));
+        assert_eq!(
+            flat(&host)[7..14],
+            [
+                0.,
+                0.,
+                0.,
+                0.,
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY
+            ]
         );
     }
 }

@@ -16,20 +16,31 @@ use super::varlen::AttentionKind;
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
+    /// `weight` in the compute dtype, for a residual stream kept in it (`with_compute_dtype_residual`).
+    weight_compute: Tensor,
     eps: f32,
 }
 
 impl RmsNorm {
-    /// Weights in f32: norms run on the f32 residual stream whatever the compute dtype.
+    /// Weights in f32: norms run on the f32 residual stream whatever the compute dtype (unless the
+    /// stream is kept in the compute dtype).
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints_dtype(size, "weight", Default::default(), DType::F32)?;
         Ok(Self {
-            weight: vb.get_with_hints_dtype(size, "weight", Default::default(), DType::F32)?,
+            weight_compute: weight.to_dtype(vb.dtype())?,
+            weight,
             eps: eps as f32,
         })
     }
 
+    /// The norm in the dtype of `xs` (candle's kernel accumulates in f32 either way).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
+        let weight = if xs.dtype() == self.weight.dtype() {
+            &self.weight
+        } else {
+            &self.weight_compute
+        };
+        candle_nn::ops::rms_norm(xs, weight, self.eps)
     }
 }
 
@@ -97,19 +108,19 @@ impl DecoderLayer {
     }
 
     /// (n, h) -> (n, h), and the layer's keys and values of the new tokens. The residual stream `xs`
-    /// stays f32; each block computes in `lay.dtype`. In bf16 this keeps the sum of 2 × layers block
-    /// outputs from rounding to 8 bits at every step.
+    /// stays f32 (unless `with_compute_dtype_residual`); each block computes in `lay.dtype`. In bf16
+    /// this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
     fn forward(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
         let (attn, kv) = self.self_attn.forward(&normed, lay, past)?;
-        let xs = add_f32(xs, attn, lay)?;
+        let xs = add_residual(xs, attn, lay)?;
         Ok((self.mlp_residual(&xs, lay)?, kv))
     }
 
     fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let normed = norm_to(&self.post_attention_layernorm, xs, lay)?;
         let mlp = self.mlp.forward(&normed, lay)?;
-        add_f32(xs, mlp, lay)
+        add_residual(xs, mlp, lay)
     }
 
     /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
@@ -118,14 +129,18 @@ impl DecoderLayer {
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
         let (attn, kv) = self.self_attn.forward_picked(&normed, lay, past)?;
         let residual = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
-        let xs = add_f32(&residual, attn, lay)?;
+        let xs = add_residual(&residual, attn, lay)?;
         Ok((self.mlp_residual(&xs, lay)?, kv))
     }
 }
 
-/// The f32 residual stream normed, in the blocks' compute dtype.
+/// The residual stream normed, in the blocks' compute dtype.
 fn norm_to(norm: &RmsNorm, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
     let tm = &lay.timer;
+    if xs.dtype() != DType::F32 {
+        // The stream is in the compute dtype already: nothing to cast.
+        return tm.time(Section::Norm, || norm.forward(xs));
+    }
     if lay.fused {
         return tm.time(Section::Norm, || {
             fused::rms_norm_to(xs, &norm.weight, norm.eps, lay.dtype)
@@ -135,9 +150,12 @@ fn norm_to(norm: &RmsNorm, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
     tm.time(Section::Cast, move || normed.to_dtype(lay.dtype))
 }
 
-/// `xs` + a block's output, back in f32.
-fn add_f32(xs: &Tensor, block: Tensor, lay: &Layout) -> Result<Tensor> {
+/// `xs` + a block's output, in the residual stream's dtype.
+fn add_residual(xs: &Tensor, block: Tensor, lay: &Layout) -> Result<Tensor> {
     let tm = &lay.timer;
+    if xs.dtype() != DType::F32 {
+        return tm.time(Section::Residual, move || xs + block);
+    }
     if lay.fused {
         return tm.time(Section::Residual, move || fused::add_f32(xs, &block));
     }
@@ -156,6 +174,8 @@ pub struct Llama {
     device: Device,
     attention: AttentionKind,
     fused: bool,
+    /// The residual stream's dtype: f32, or the compute dtype (`with_compute_dtype_residual`).
+    residual: DType,
     timer: Timer,
 }
 
@@ -178,6 +198,7 @@ impl Llama {
             )?,
             attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
             fused: false,
+            residual: DType::F32,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             timer: Timer::default(),
@@ -202,6 +223,19 @@ impl Llama {
 
     pub fn fused_ops(&self) -> bool {
         self.fused
+    }
+
+    /// Keeps the residual stream in the compute dtype (as transformers does) instead of f32: no casts
+    /// around each block and half the bytes in the adds and norms, at the cost of rounding the stream
+    /// to the compute dtype after every block. No change in f32.
+    pub fn with_compute_dtype_residual(mut self, on: bool) -> Self {
+        self.residual = if on { self.dtype } else { DType::F32 };
+        self
+    }
+
+    /// The residual stream's dtype.
+    pub fn residual_dtype(&self) -> DType {
+        self.residual
     }
 
     /// `varlen::flash_self_check` with this model's heads, device and dtype.
@@ -283,7 +317,7 @@ impl Llama {
         lay.timer = tm.clone();
         lay.fused = self.fused;
         let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
-        let mut xs = tm.time(Section::Cast, move || xs.to_dtype(DType::F32))?; // (n, h)
+        let mut xs = tm.time(Section::Cast, move || xs.to_dtype(self.residual))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {
             let picked = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
             return Ok((

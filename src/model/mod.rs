@@ -158,6 +158,18 @@ impl ArmoRM {
         self.model.fused_ops()
     }
 
+    /// Keeps the backbone's residual stream in the compute dtype instead of f32 (experimental, for
+    /// measuring on the GPU; see `Llama::with_compute_dtype_residual`).
+    pub fn with_compute_dtype_residual(mut self, on: bool) -> Self {
+        self.model = self.model.with_compute_dtype_residual(on);
+        self
+    }
+
+    /// The backbone's residual stream dtype.
+    pub fn residual_dtype(&self) -> DType {
+        self.model.residual_dtype()
+    }
+
     /// The largest difference between the fused ops and the unfused ones on random rows of this
     /// model's width, on its device and in its dtype (see `fused::self_check`).
     pub fn fused_self_check(&self, hidden: usize) -> Result<f32> {
@@ -305,6 +317,19 @@ mod tests {
         // And through the flat layout with cached prefixes.
         let flat = fused.with_attention(AttentionKind::VarlenReference);
         assert_same_outputs(&flat.forward(&batch).unwrap(), &want, 1e-5);
+    }
+
+    #[test]
+    fn a_compute_dtype_residual_is_f32_in_f32() {
+        let plain = random_model();
+        let same = plain.clone().with_compute_dtype_residual(true);
+        assert_eq!(same.residual_dtype(), DType::F32);
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 60, 20)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = plain.forward(&batch).unwrap();
+        assert_same_outputs(&same.forward(&batch).unwrap(), &want, 1e-12);
     }
 
     #[test]

@@ -101,8 +101,14 @@ pub fn armorm(args: &[&str]) -> Output {
 }
 
 pub fn armorm_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    armorm_with(args, stdin, &[])
+}
+
+/// `armorm ARGS` with `env` set, fed `stdin` (else nothing).
+pub fn armorm_with(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_armorm"));
     cmd.args(args)
+        .envs(env.iter().copied())
         .env("HF_HUB_OFFLINE", "1")
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -123,6 +129,16 @@ pub fn armorm_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
 
 /// Runs `armorm score` and returns stdout's JSONL rows; panics with stderr on failure.
 pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
+    score_jsonl_with(input, model, extra, &[]).0
+}
+
+/// `score_jsonl` with `env` set; the rows and stderr.
+pub fn score_jsonl_with(
+    input: &Path,
+    model: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<Scored>, String) {
     let model = model_dir(model);
     let mut args = vec![
         "score",
@@ -136,13 +152,10 @@ pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
         args.extend(["--device", "cpu"]);
     }
     args.extend_from_slice(extra);
-    let out = armorm(&args);
-    assert!(
-        out.status.success(),
-        "armorm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_jsonl(&String::from_utf8(out.stdout).unwrap())
+    let out = armorm_with(&args, None, env);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "armorm failed: {stderr}");
+    (parse_jsonl(&String::from_utf8(out.stdout).unwrap()), stderr)
 }
 
 /// The largest |a - b|; NaN when any difference is NaN, so that `d <= tol` fails on it (`f32::max`
