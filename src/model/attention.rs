@@ -283,6 +283,7 @@ impl Attention {
 mod tests {
     use super::*;
     use crate::model::rope::RopeTables;
+    use crate::model::testing::seeded_randn;
     use crate::model::varlen::AttentionKind;
     use candle_core::Device;
 
@@ -310,9 +311,9 @@ mod tests {
         let (b, nh, nkv, t, d) = (2, 4, 2, 600, 8);
         let attn = attention(nh, nkv, d);
         let dev = &Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (b, nh, t, d), dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (b, nkv, t, d), dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (b, nkv, t, d), dev).unwrap();
+        let q = seeded_randn(0.0, 1.0, (b, nh, t, d), 1);
+        let k = seeded_randn(0.0, 1.0, (b, nkv, t, d), 2);
+        let v = seeded_randn(0.0, 1.0, (b, nkv, t, d), 3);
         let lay = Layout::new(
             &[0, t, 2 * t],
             &[t - 1, 2 * t - 1],

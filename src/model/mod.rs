@@ -8,6 +8,8 @@ mod layout;
 pub mod llama;
 pub mod profile;
 pub mod rope;
+#[cfg(test)]
+mod testing;
 pub mod varlen;
 
 use std::sync::Arc;
@@ -267,10 +269,13 @@ mod tests {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
         let model = ArmoRM::load(vb, &cfg).unwrap();
-        // VarMap's default init leaves some tensors at zero; give every weight random values.
-        for var in vars.all_vars() {
-            let noise = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
-            var.set(&noise).unwrap();
+        // VarMap's default init leaves some tensors at zero; give every weight random values (the
+        // same on every run, in the order of the tensor names).
+        let mut named: Vec<_> = vars.data().lock().unwrap().clone().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (seed, (_, var)) in named.iter().enumerate() {
+            var.set(&testing::seeded_randn(0.0, 0.5, var.shape(), seed as u64))
+                .unwrap();
         }
         model
     }
