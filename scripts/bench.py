@@ -352,7 +352,8 @@ def main():
         ap.error("--armorm is required")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    builds = [tuple(a.split("=", 1)) for a in args.armorm]
+    # LABEL=PATH, or a bare PATH (labelled by its file name).
+    builds = [tuple(a.split("=", 1)) if "=" in a else (Path(a).name, a) for a in args.armorm]
 
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
