@@ -10,7 +10,7 @@
 # sizes on both, f32 parity on short and long rows, the bf16 Pearson figures, the same with
 # ARMORM_BF16_RESIDUAL=1, and armorm with the old blocked attention; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
 # `--skip profile,parity`, `--best-of-8`, `--time-limit 300`); `--help` lists them.
-# Budget (estimated, not yet measured on this version): 7.5-9 minutes on an H200 with --best-of-8; phases
+# Budget (estimated, not yet measured on this version): 8-9.5 minutes on an H200 with --best-of-8; phases
 # not started by --time-limit (400 s) are skipped, the blocked-attention repeat (last) first; the log and
 # gpu-check.json go to $OUT.
 set -euo pipefail

@@ -23,6 +23,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   blocked  armorm bf16 with --attention blocked (the padded matmul attention from before flash attention)
            on both cases: flash attention's gain on the same card in the same run, and the largest score
            difference between the two;
+  warmup   the first run again on a fresh JIT cache with ARMORM_KERNEL_WARMUP=0: the compile's cost
+           without armorm's kernel warm-up (which overlaps it with the weight load; on by default);
   best-of-8 (opt-in, --best-of-8) 64 prompts of ~500 tokens with 8 answers of ~150 each, rows shuffled
            (the set of scripts/bench.py): armorm with prefix sharing (issue 12) against armorm with
            --prefix-sharing off (goal >= 2.5x) and transformers' sorted batches; scores compared.
@@ -30,8 +32,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
 version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
 armorm fused 20, armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes),
-transformers f32 25, armorm bf16 residual 20, armorm blocked 45 (the issue's own rates); about 7.5
-minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+transformers f32 25, armorm bf16 residual 20, armorm blocked 45 (the issue's own rates), first run
+without warm-up 30; about 8 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -75,7 +77,8 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "residual", "blocked", "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "residual", "blocked", "warmup",
+          "best-of-8"]
 T0 = time.perf_counter()
 
 
@@ -295,7 +298,7 @@ class Armorm:
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
 
-    def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=()):
+    def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=(), cache=None):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
             # f32 has no flash kernels: auto picks blocked attention there. `extra` may name its own.
@@ -304,7 +307,7 @@ class Armorm:
             cmd = [self.binary, "score", str(data), "--model", str(self.model_dir), "-o", str(out),
                    "--device", self.device, "--dtype", dtype, "--max-batch-tokens", str(self.budget),
                    *attention, *extra]
-            full_env = {**os.environ, "CUDA_CACHE_PATH": str(self.cache),
+            full_env = {**os.environ, "CUDA_CACHE_PATH": str(cache or self.cache),
                         "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
             sampler = GpuSampler() if sample_gpu else None
             t = time.perf_counter()
@@ -326,7 +329,7 @@ class Armorm:
 
 
 # The end of armorm's summary line: how the rows ran.
-SETUP = re.compile(r"(\S+) attention, batches of up to (\d+) tokens")
+SETUP = re.compile(r"(\S+) attention(?:, [^,]+)*, batches of up to (\d+) tokens")
 PROFILE_LINE = re.compile(r"^armorm: profile: (\S+)\s+([\d.]+) s\s+([\d.]+)%")
 
 
@@ -454,6 +457,17 @@ class Check:
             log(f"first run {first['wall']:.1f} s, second {second['wall']:.1f} s: compile ~{c['compile_s']:.1f} s; "
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
+
+    def warmup(self):
+        """The first run again on a fresh JIT cache of its own, with ARMORM_KERNEL_WARMUP=0: what the
+        compile costs when it is not overlapped with the weight load (the compile phase's first run
+        has the warm-up on, the default)."""
+        tiny = self.work / "warmup.jsonl"
+        cache = self.work / "cuda-cache-no-warmup"
+        shutil.rmtree(cache, ignore_errors=True)
+        r = self.armorm.run(tiny, "bf16", env={"ARMORM_KERNEL_WARMUP": "0"}, cache=cache)
+        self.res.setdefault("compile", {})["first_wall_no_warmup"] = r["wall"]
+        log(f"first run without the kernel warm-up: {r['wall']:.1f} s")
 
     def fused(self):
         for case in ("short", "long"):
@@ -601,6 +615,8 @@ class Check:
         # Last: the issue already states the blocked path's rates; this only repeats them on this card.
         if self.on("blocked"):
             self.timed("armorm blocked", self.blocked)
+        if self.on("warmup"):
+            self.timed("armorm first run without warm-up", self.warmup)
         self.res["phase_seconds"] = self.phase_seconds
         self.res["total_seconds"] = time.perf_counter() - T0
         return self.summary()
@@ -629,6 +645,11 @@ class Check:
         if "compile_s" in c:
             p(f"kernel compile: first run {c['first_wall']:.1f} s, second {c['second_wall']:.1f} s -> "
               f"~{c['compile_s']:.1f} s on a fresh node; JIT cache {c['cache_mib']:.0f} MiB (CUDA_CACHE_PATH)")
+        if "first_wall_no_warmup" in c and "second_wall" in c:
+            p(f"kernel warm-up: first run {c['first_wall']:.1f} s with it, {c['first_wall_no_warmup']:.1f} s "
+              f"without (ARMORM_KERNEL_WARMUP=0) -> the compile costs "
+              f"~{c['first_wall'] - c['second_wall']:.1f} s instead of "
+              f"~{c['first_wall_no_warmup'] - c['second_wall']:.1f} s")
         p(f"{'case':10} {'pipeline':34} {'seconds':>8} {'tok/s':>8} {'MFU':>6} {'vs best tf':>10}")
         goals = []
         for case, (ratio_goal, mfu_goal) in (("short", (1.5, 0.55)), ("long", (2.0, 0.45)),

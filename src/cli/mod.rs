@@ -22,6 +22,7 @@ use armorm::model::{ArmoRM, ArmoRMConfig, AttentionKind, Profile};
 use armorm::pipeline::EncodeStage;
 use armorm::provenance::{self, Provenance};
 use armorm::scorer::Scorer;
+use armorm::warmup::Warmup;
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +113,8 @@ pub struct Loaded {
     pub files: ModelFiles,
     pub dtype: candle_core::DType,
     pub provenance: Provenance,
+    /// Stopped and joined when the run ends, long after it finished (see `Warmup`).
+    _warmup: Vec<Warmup>,
 }
 
 impl ModelArgs {
@@ -138,6 +141,8 @@ impl ModelArgs {
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
         let mut attention = AttentionKind::Blocked;
+        // The kernels compile for the card while the weights load (kept until the run ends).
+        let warmup: Vec<Warmup> = devices.iter().map(Warmup::start).collect();
         for device in devices {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
@@ -187,6 +192,7 @@ impl ModelArgs {
             files,
             dtype,
             provenance,
+            _warmup: warmup,
         })
     }
 
