@@ -2,7 +2,6 @@
 //! (`off`): on the golden fixtures, on generated best-of-N sets, under small budgets and out of memory.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
@@ -53,24 +52,7 @@ pub fn score(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Vec<Scored>, String) {
-    let model = model_dir(model);
-    let out = Command::new(env!("CARGO_BIN_EXE_armorm"))
-        .args([
-            "score",
-            input.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-        ])
-        .args(["-o", "-", "--device", "cpu", "--dtype", "f32"])
-        .args(extra)
-        .envs(env.iter().copied())
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "armorm failed: {stderr}");
-    (parse_jsonl(&String::from_utf8(out.stdout).unwrap()), stderr)
+    score_jsonl_with(input, model, &[&["--dtype", "f32"], extra].concat(), env)
 }
 
 /// The tokens the summary line says sharing saved; `None` when it says nothing of sharing.
