@@ -192,15 +192,16 @@ impl Scorer {
     /// The window's work: batches of rows run whole, and units of rows sharing a prompt when sharing
     /// is on.
     fn plan(&self, encoded: &[&Encoded], lens: &[usize], budget: usize) -> Vec<Work> {
+        let cost = self.cost();
         let plan = match self.sharing {
-            Some(pattern_len) => sharing::plan(encoded, pattern_len, budget),
+            Some(pattern_len) => sharing::plan(encoded, pattern_len, budget, cost),
             None => sharing::Plan {
                 plain: (0..encoded.len()).collect(),
                 units: Vec::new(),
             },
         };
         let plain_lens: Vec<usize> = plan.plain.iter().map(|&i| lens[i]).collect();
-        let mut work: Vec<Work> = batch::plan(&plain_lens, budget)
+        let mut work: Vec<Work> = batch::plan(&plain_lens, budget, cost)
             .into_iter()
             .map(|b| Work::Plain(b.into_iter().map(|i| plan.plain[i]).collect()))
             .collect();
@@ -380,7 +381,7 @@ impl Scorer {
     }
 
     fn forward(&self, model: &ArmoRM, flat: &FlatBatch) -> candle_core::Result<HeadOutput> {
-        self.simulate_oom(flat.padded_tokens())?;
+        self.simulate_oom(self.computed(flat.padded_tokens(), flat.ids.len()))?;
         model.forward(flat)
     }
 
@@ -410,17 +411,26 @@ impl Scorer {
         )
     }
 
-    /// Tokens a pass computes: padded ones under blocked attention, the rows' own under flat
-    /// (variable-length) attention, which pads nothing.
-    fn computed(&self, padded: usize, tokens: usize) -> usize {
+    /// How the models' passes count tokens: flat rows under variable-length attention, which pads
+    /// nothing; padded rows otherwise.
+    fn cost(&self) -> batch::Cost {
         let flat = self
             .models
             .first()
             .is_some_and(|m| m.attention().is_varlen());
         if flat {
-            tokens
+            batch::Cost::Flat
         } else {
-            padded
+            batch::Cost::Padded
+        }
+    }
+
+    /// Tokens a pass computes: padded ones under blocked attention, the rows' own under flat
+    /// (variable-length) attention.
+    fn computed(&self, padded: usize, tokens: usize) -> usize {
+        match self.cost() {
+            batch::Cost::Flat => tokens,
+            batch::Cost::Padded => padded,
         }
     }
 

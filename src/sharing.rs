@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::batch::{self, BATCH_OVERHEAD_TOKENS};
+use crate::batch::{self, Cost, BATCH_OVERHEAD_TOKENS};
 use crate::encoder::Encoded;
 
 /// Rows (indices into the window's encoded rows) whose first `prefix` ids are equal; two or more.
@@ -56,10 +56,11 @@ pub struct Plan {
 }
 
 /// Groups the rows by their prefix up to the end of the gating pattern (`pattern_len` ids from the
-/// gate) and plans the shared work within `budget` padded tokens per pass, cache included. A row
+/// gate) and plans the shared work within `budget` tokens per pass (counted as `cost` says), cache
+/// included. A row
 /// whose prompt no other row has runs whole, as without sharing; so does everything when sharing would
 /// save less than one forward pass costs.
-pub fn plan(rows: &[&Encoded], pattern_len: usize, budget: usize) -> Plan {
+pub fn plan(rows: &[&Encoded], pattern_len: usize, budget: usize, cost: Cost) -> Plan {
     let (groups, plain) = group(rows, pattern_len);
     let saved: usize = groups.iter().map(Group::saved_tokens).sum();
     if saved < BATCH_OVERHEAD_TOKENS {
@@ -68,9 +69,9 @@ pub fn plan(rows: &[&Encoded], pattern_len: usize, budget: usize) -> Plan {
             units: Vec::new(),
         };
     }
-    let units = pack(groups, budget)
+    let units = pack(groups, budget, cost)
         .into_iter()
-        .map(|groups| continuations(rows, groups, budget))
+        .map(|groups| continuations(rows, groups, budget, cost))
         .collect();
     Plan { plain, units }
 }
@@ -104,12 +105,12 @@ fn group(rows: &[&Encoded], pattern_len: usize) -> (Vec<Group>, Vec<usize>) {
 }
 
 /// Groups packed into units as rows are into batches (`batch::plan`: sorted by length, cut where
-/// padding costs least) within half the budget: a unit's prefix pass and its cache take at most that,
+/// the passes cost least) within half the budget: a unit's prefix pass and its cache take at most that,
 /// and its continuations keep the other half. A group too large for that gets a unit of its own.
-fn pack(groups: Vec<Group>, budget: usize) -> Vec<Vec<Group>> {
+fn pack(groups: Vec<Group>, budget: usize, cost: Cost) -> Vec<Vec<Group>> {
     let lens: Vec<usize> = groups.iter().map(|g| g.prefix).collect();
     let mut slots: Vec<Option<Group>> = groups.into_iter().map(Some).collect();
-    batch::plan(&lens, (budget / 2).max(1))
+    batch::plan(&lens, (budget / 2).max(1), cost)
         .into_iter()
         .map(|unit| unit.into_iter().filter_map(|g| slots[g].take()).collect())
         .collect()
@@ -117,7 +118,7 @@ fn pack(groups: Vec<Group>, budget: usize) -> Vec<Vec<Group>> {
 
 /// The continuations of a unit's rows in length-bucketed batches, each within what the cache leaves
 /// of the budget (a row longer than that gets a batch of its own, as without sharing).
-fn continuations(rows: &[&Encoded], groups: Vec<Group>, budget: usize) -> Unit {
+fn continuations(rows: &[&Encoded], groups: Vec<Group>, budget: usize, cost: Cost) -> Unit {
     let members: Vec<(usize, usize)> = groups
         .iter()
         .enumerate()
@@ -128,7 +129,7 @@ fn continuations(rows: &[&Encoded], groups: Vec<Group>, budget: usize) -> Unit {
         .map(|&(r, g)| rows[r].ids.len() - groups[g].prefix)
         .collect();
     let cached: usize = groups.iter().map(|g| g.prefix).sum();
-    let batches = batch::plan(&lens, budget.saturating_sub(cached).max(1))
+    let batches = batch::plan(&lens, budget.saturating_sub(cached).max(1), cost)
         .into_iter()
         .map(|b| b.into_iter().map(|i| members[i]).collect())
         .collect();
@@ -166,7 +167,7 @@ mod tests {
             row(&a, &[1, 2]),
         ];
         let refs: Vec<&Encoded> = rows.iter().collect();
-        let plan = plan(&refs, 2, 10_000);
+        let plan = plan(&refs, 2, 10_000, Cost::Padded);
         assert_eq!(plan.plain, [2]);
         assert_eq!(plan.units.len(), 1);
         let unit = &plan.units[0];
@@ -190,7 +191,7 @@ mod tests {
         // Two rows share a 4-token prefix: 4 tokens saved, less than one pass's overhead.
         let rows = [row(&[1, 2], &[3]), row(&[1, 2], &[4]), row(&[7], &[8])];
         let refs: Vec<&Encoded> = rows.iter().collect();
-        let plan = plan(&refs, 2, 10_000);
+        let plan = plan(&refs, 2, 10_000, Cost::Padded);
         assert_eq!(plan.plain, [0, 1, 2]);
         assert!(plan.units.is_empty());
     }
@@ -200,7 +201,7 @@ mod tests {
         let p = long(1, 100);
         let rows = [row(&p, &[]), row(&p, &[1]), row(&p, &[2])];
         let refs: Vec<&Encoded> = rows.iter().collect();
-        let plan = plan(&refs, 2, 10_000);
+        let plan = plan(&refs, 2, 10_000, Cost::Padded);
         assert_eq!(plan.plain, [0]);
         assert_eq!(plan.units[0].groups[0].rows, [1, 2]);
     }
@@ -213,7 +214,7 @@ mod tests {
             .map(|i| row(&long(i % 10, 98), &long(100 + i, 30)))
             .collect();
         let refs: Vec<&Encoded> = rows.iter().collect();
-        let plan = plan(&refs, 2, 400);
+        let plan = plan(&refs, 2, 400, Cost::Padded);
         assert!(plan.plain.is_empty());
         assert_eq!(plan.units.len(), 5);
         for unit in &plan.units {
@@ -239,7 +240,7 @@ mod tests {
         let p = long(1, 298);
         let rows: Vec<Encoded> = (0..3).map(|i| row(&p, &long(10 + i, 30))).collect();
         let refs: Vec<&Encoded> = rows.iter().collect();
-        let plan = plan(&refs, 2, 320);
+        let plan = plan(&refs, 2, 320, Cost::Padded);
         assert_eq!(plan.units.len(), 1);
         assert_eq!(plan.units[0].batches.len(), 3);
         assert_eq!(plan.units[0].groups[0].saved_tokens(), 600);

@@ -26,6 +26,48 @@ fn flat_rows_match_transformers_and_blocked_attention() {
     }
 }
 
+/// Flat rows are batched by their own tokens, nothing being padded: under one budget they take the
+/// fewest passes that fit it (here one: the fixtures' 2,865 tokens within 4,096), where padded rows are
+/// cut wherever padding would cost more than a pass (6 passes); the results are the same.
+#[test]
+fn flat_rows_fill_the_budget_in_fewer_passes() {
+    let input = fixtures().join("conversations.jsonl");
+    let profile = [("ARMORM_PROFILE", "1")];
+    // One lane: the whole budget goes to one pass at a time.
+    let common = [
+        "--max-batch-tokens",
+        "4096",
+        "--prefix-sharing",
+        "off",
+        "--threads",
+        "1",
+    ];
+    let (blocked, blocked_log) = score(
+        &input,
+        TINY,
+        &[&common[..], &["--attention", "blocked"]].concat(),
+        &profile,
+    );
+    let (flat, flat_log) = score(&input, TINY, &[&common[..], FLAT].concat(), &profile);
+    let tokens: usize = flat.iter().map(|r| r.num_tokens).sum();
+    assert_eq!(passes(&flat_log), tokens.div_ceil(4096), "{flat_log}");
+    assert!(
+        passes(&blocked_log) >= 3 * passes(&flat_log),
+        "{blocked_log}"
+    );
+    assert_same(&flat, &blocked);
+}
+
+/// Forward passes, as ARMORM_PROFILE's `head` line counts them.
+fn passes(log: &str) -> usize {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("armorm: profile: head "))
+        .unwrap_or_else(|| panic!("no head line in {log}"));
+    let calls = line.split_whitespace().rev().nth(1).unwrap();
+    calls.parse().unwrap()
+}
+
 /// Rows continuing cached prompts take [prefix; new] key sequences: the same results as rows run
 /// whole, with most of the prompts' tokens saved; nothing is padded.
 #[test]
