@@ -12,7 +12,6 @@ use candle_core::Device;
 /// A background thread loading candle's kernel modules for one device. Dropping it stops the thread
 /// after the module it is loading and waits for it, so that the process never exits while the driver
 /// is compiling (a driver torn down under a running compile can crash at exit).
-#[derive(Default)]
 pub struct Warmup {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,

@@ -239,7 +239,7 @@ fn with_kernels(
     let model = model
         .with_attention(attention)
         .with_fused_ops(fused_ops_requested())
-        .with_compute_dtype_residual(env_flag("ARMORM_BF16_RESIDUAL"));
+        .with_compute_dtype_residual(bf16_residual_requested());
     if attention == AttentionKind::Flash {
         check_flash(&model, device)?;
     }
@@ -303,12 +303,15 @@ fn fused_ops_requested() -> bool {
     env_flag("ARMORM_FUSED_OPS")
 }
 
-/// Whether the environment variable `name` is set to anything but empty or 0.
-///
 /// `ARMORM_BF16_RESIDUAL=1`: the backbone's residual stream in the compute dtype (bf16 or f16; no
 /// change in f32) instead of f32, as transformers keeps it: fewer bytes and no casts per block, at the
 /// cost of rounding after every block. Experimental, for measuring speed and the Pearson figures
 /// side by side on a GPU (scripts/gpu-check.sh, issue 10 step 3), as ARMORM_FUSED_OPS is.
+fn bf16_residual_requested() -> bool {
+    env_flag("ARMORM_BF16_RESIDUAL")
+}
+
+/// Whether the environment variable `name` is set to anything but empty or 0.
 fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }

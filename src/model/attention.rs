@@ -283,7 +283,7 @@ impl Attention {
 mod tests {
     use super::*;
     use crate::model::rope::RopeTables;
-    use crate::model::testing::seeded_randn;
+    use crate::model::testing::{max_diff, seeded_randn};
     use crate::model::varlen::AttentionKind;
     use candle_core::Device;
 
@@ -329,16 +329,7 @@ mod tests {
         let full = attn.attend(&q, &k, &v, &grid.causal, &lay.timer).unwrap();
         let blocked = attn.attend_causal(&q, &k, &v, grid, &lay.timer).unwrap();
         assert_eq!(blocked.dims(), full.dims());
-        let diff = (blocked - full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&blocked, &full);
         assert!(diff < 1e-5, "blocked attention differs by {diff}");
     }
 }

@@ -253,6 +253,7 @@ impl ArmoRM {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::max_diff;
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
@@ -282,19 +283,6 @@ mod tests {
 
     fn ids(seed: u32, len: usize) -> Vec<u32> {
         (0..len as u32).map(|i| (seed * 7 + i * 13) % 50).collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     fn assert_same_outputs(got: &HeadOutput, want: &HeadOutput, tolerance: f32) {

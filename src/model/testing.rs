@@ -1,6 +1,6 @@
-//! Seeded random tensors for the model's unit tests: the same weights on every run, so that a test's
-//! tolerance holds or fails for good instead of on one draw in a hundred (candle cannot seed its CPU
-//! generator).
+//! Helpers of the model's unit tests: seeded random tensors (the same weights on every run, so that a
+//! test's tolerance holds or fails for good instead of on one draw in a hundred; candle cannot seed its
+//! CPU generator) and the largest difference between two tensors.
 
 use candle_core::{Device, Shape, Tensor};
 
@@ -25,6 +25,12 @@ pub(crate) fn seeded_randn(mean: f32, std: f32, shape: impl Into<Shape>, seed: u
         })
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).expect("a CPU tensor of its own shape")
+}
+
+/// The largest |a - b| over every element.
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
+    diff.expect("tensors of one shape and dtype f32")
 }
 
 #[cfg(test)]
