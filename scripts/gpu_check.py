@@ -15,25 +15,29 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
            compared against the fastest;
-  fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=1 (armorm's fused SiLU·mul, residual add and
-           RMSNorm kernels, issue 10 step 3): their gain and the largest score difference;
+  pool     armorm bf16 on both cases with ARMORM_KEEP_FREED=0 (freed memory handed back to the driver at
+           every synchronization, candle's default): what keeping it in the pool gains;
+  fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=0 (armorm's fused SiLU·mul, residual add and
+           RMSNorm kernels are the default on CUDA since the first H200 check): their gain and the
+           largest score difference;
+  gemm     torch's F.linear on the projections' shapes at 65,536 tokens: the rate cuBLAS gives them on
+           this card, beside armorm's profile;
   residual armorm bf16 on both cases with ARMORM_BF16_RESIDUAL=1 (the residual stream in bf16, as
            transformers keeps it, instead of f32; issue 10 step 3 "measure both"): its gain, the largest
            score difference and its own Pearson figure against transformers-f32;
   blocked  armorm bf16 with --attention blocked (the padded matmul attention from before flash attention)
            on both cases: flash attention's gain on the same card in the same run, and the largest score
            difference between the two;
-  warmup   the first run again on a fresh JIT cache with ARMORM_KERNEL_WARMUP=0: the compile's cost
-           without armorm's kernel warm-up (which overlaps it with the weight load; on by default);
   best-of-8 (opt-in, --best-of-8) 64 prompts of ~500 tokens with 8 answers of ~150 each, rows shuffled
            (the set of scripts/bench.py): armorm with prefix sharing (issue 12) against armorm with
            --prefix-sharing off (goal >= 2.5x) and transformers' sorted batches; scores compared.
 
-Estimated seconds per phase on an H200 (estimates from the issue's rates, not yet measured with this
-version): setup 40-120 (16 GB of weights written; tokenization), compile 40, short 20, long 30, profile 25,
-armorm fused 20, armorm f32 20, transformers bf16 110 (load, 4 short and 3 long batch sizes),
-transformers f32 25, armorm bf16 residual 20, armorm blocked 45 (the issue's own rates), first run
-without warm-up 30; about 8 minutes in all. Phases not started by --time-limit (400 s) are skipped, so the summary always prints.
+Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
+of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
+whole sets, the default now), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
+and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
+best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
+the summary always prints.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -77,8 +81,8 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "fused", "parity", "sweep", "residual", "blocked", "warmup",
-          "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "pool", "fused", "gemm", "parity", "sweep",
+          "residual", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
 
@@ -271,6 +275,23 @@ def sync():
         torch.cuda.synchronize()
 
 
+def linear_tflops(device, m, k, n):
+    """torch.nn.functional.linear in bf16, x (m, k) and a weight (n, k), as the projections run."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    f = torch.nn.functional.linear
+    for _ in range(3):
+        f(x, w)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        f(x, w)
+    torch.cuda.synchronize()
+    return 2 * m * k * n * 10 / (time.perf_counter() - t) / 1e12
+
+
 def matmul_tflops(device, dtype):
     if device.type != "cuda":
         return float("nan")
@@ -458,21 +479,28 @@ class Check:
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
 
-    def warmup(self):
-        """The first run again on a fresh JIT cache of its own, with ARMORM_KERNEL_WARMUP=0: what the
-        compile costs when it is not overlapped with the weight load (the compile phase's first run
-        has the warm-up on, the default)."""
-        tiny = self.work / "warmup.jsonl"
-        cache = self.work / "cuda-cache-no-warmup"
-        shutil.rmtree(cache, ignore_errors=True)
-        r = self.armorm.run(tiny, "bf16", env={"ARMORM_KERNEL_WARMUP": "0"}, cache=cache)
-        self.res.setdefault("compile", {})["first_wall_no_warmup"] = r["wall"]
-        log(f"first run without the kernel warm-up: {r['wall']:.1f} s")
-
     def fused(self):
+        """The fused ops are the default on CUDA since the first H200 check: this runs without them."""
         for case in ("short", "long"):
             if self.on(case):
-                self.armorm_case(case, "armorm_fused", env={"ARMORM_FUSED_OPS": "1"})
+                self.armorm_case(case, "armorm_unfused", env={"ARMORM_FUSED_OPS": "0"})
+
+    def pool(self):
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, "armorm_pool", env={"ARMORM_KEEP_FREED": "0"})
+
+    def gemm(self):
+        """torch's GEMMs (cuBLAS) on the projections' own shapes at a 65,536-token batch: the rate the
+        card gives these shapes, to set beside armorm's profile (its GEMM sections)."""
+        h, i = self.cfg["hidden_size"], self.cfg["intermediate_size"]
+        kv = self.cfg["num_key_value_heads"] * h // self.cfg["num_attention_heads"]
+        rates = {}
+        for name, k, n in (("q_proj", h, h), ("k_proj", h, kv), ("o_proj", h, h), ("gate_proj", h, i),
+                           ("down_proj", i, h)):
+            rates[name] = linear_tflops(self.device, 65536, k, n)
+        self.res["gemm_tflops"] = rates
+        log("torch F.linear at 65,536 tokens, TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
 
     def residual(self):
         for case in ("short", "long"):
@@ -591,8 +619,12 @@ class Check:
                 self.timed(f"armorm {case}", lambda: self.armorm_case(case))
         if self.on("profile"):
             self.timed("profile", self.profile)
+        if self.on("pool"):
+            self.timed("armorm pool released", self.pool)
         if self.on("fused"):
-            self.timed("armorm fused", self.fused)
+            self.timed("armorm unfused", self.fused)
+        if self.on("gemm"):
+            self.timed("torch gemm", self.gemm)
         if self.on("best-of-8"):
             self.timed("armorm best-of-8", lambda: self.armorm_case("best-of-8"))
             self.timed("armorm best-of-8 unshared", lambda: self.armorm_case(
@@ -615,8 +647,6 @@ class Check:
         # Last: the issue already states the blocked path's rates; this only repeats them on this card.
         if self.on("blocked"):
             self.timed("armorm blocked", self.blocked)
-        if self.on("warmup"):
-            self.timed("armorm first run without warm-up", self.warmup)
         self.res["phase_seconds"] = self.phase_seconds
         self.res["total_seconds"] = time.perf_counter() - T0
         return self.summary()
@@ -645,11 +675,9 @@ class Check:
         if "compile_s" in c:
             p(f"kernel compile: first run {c['first_wall']:.1f} s, second {c['second_wall']:.1f} s -> "
               f"~{c['compile_s']:.1f} s on a fresh node; JIT cache {c['cache_mib']:.0f} MiB (CUDA_CACHE_PATH)")
-        if "first_wall_no_warmup" in c and "second_wall" in c:
-            p(f"kernel warm-up: first run {c['first_wall']:.1f} s with it, {c['first_wall_no_warmup']:.1f} s "
-              f"without (ARMORM_KERNEL_WARMUP=0) -> the compile costs "
-              f"~{c['first_wall'] - c['second_wall']:.1f} s instead of "
-              f"~{c['first_wall_no_warmup'] - c['second_wall']:.1f} s")
+        if res.get("gemm_tflops"):
+            p("torch F.linear at 65,536 tokens (TFLOP/s): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in res["gemm_tflops"].items()))
         p(f"{'case':10} {'pipeline':34} {'seconds':>8} {'tok/s':>8} {'MFU':>6} {'vs best tf':>10}")
         goals = []
         for case, (ratio_goal, mfu_goal) in (("short", (1.5, 0.55)), ("long", (2.0, 0.45)),
@@ -666,6 +694,8 @@ class Check:
             # Variants of armorm's own run: (key, row label, what is compared, which side is the new one).
             for key, label, versus, new_is_variant in (
                     ("armorm_fused", "armorm bf16 ARMORM_FUSED_OPS=1", "fused ops vs not", True),
+                    ("armorm_unfused", "armorm bf16 ARMORM_FUSED_OPS=0", "fused ops vs not", False),
+                    ("armorm_pool", "armorm bf16 ARMORM_KEEP_FREED=0", "pool kept vs released", False),
                     ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
                      f"{arm['attention'] if arm else ''} vs blocked", False)):
@@ -722,7 +752,8 @@ class Check:
         res["pearson"] = dict(rows=n, armorm_vs_tf32=pa, tf16_vs_tf32=pt, armorm_vs_tf16=pat)
         # The variants whose default is decided from this run: their own figure against transformers-f32.
         variants = []
-        for key, name in (("armorm_fused", "fused ops"), ("armorm_residual", "bf16 residual")):
+        for key, name in (("armorm_fused", "fused ops"), ("armorm_unfused", "unfused ops"),
+                          ("armorm_residual", "bf16 residual")):
             scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
                       **res.get(key, {}).get("long", {}).get("scores", {})}
             pv, _ = self.pearson(scores, t32)
@@ -760,10 +791,12 @@ def main():
     ap.add_argument("--check-rows", type=int, default=8, help="short rows for f32 parity")
     ap.add_argument("--check-long-rows", type=int, default=4, help="long rows for f32 parity")
     ap.add_argument("--acc-rows", type=int, default=128, help="short rows for the Pearson figures")
-    ap.add_argument("--profile-rows", type=int, default=256, help="short rows of the ARMORM_PROFILE run")
-    ap.add_argument("--profile-long-rows", type=int, default=8, help="long rows of the ARMORM_PROFILE run")
-    ap.add_argument("--tf-batch-sizes", type=ints, default=[8, 16, 32, 64])
-    ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8])
+    # The whole sets: with one pass, a run's first-use costs (lazy kernel loads, cuBLAS heuristics) land
+    # in whichever section meets them first (the head's f32 GEMMs took 6.9% of a one-pass profile).
+    ap.add_argument("--profile-rows", type=int, default=1024, help="short rows of the ARMORM_PROFILE run")
+    ap.add_argument("--profile-long-rows", type=int, default=32, help="long rows of the ARMORM_PROFILE run")
+    ap.add_argument("--tf-batch-sizes", type=ints, default=[16, 32, 64, 128])
+    ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8, 16])
     ap.add_argument("--f32-batch-size", type=int, default=32, help="transformers f32 on the accuracy rows")
     ap.add_argument("--max-batch-tokens", default="auto", help="armorm's token budget (a number or auto)")
     ap.add_argument("--attention", default="flash", choices=["flash", "blocked", "auto"],

@@ -3,8 +3,7 @@
 //! The layers, from the tensors up:
 //! - Model: `model` (`llama` backbone over a flat batch, `head` gating and regression, `config`,
 //!   `rope`, `attention` over `layout`'s padded grids or `varlen`'s flat rows), built from a
-//!   checkpoint by `loader`; `budget` (the default token budget per forward pass); `warmup` (CUDA
-//!   kernels compiled while the weights load).
+//!   checkpoint by `loader`; `budget` (the default token budget per forward pass).
 //! - Engine: `chat` (template) and `encoder` (conversation -> token ids + gate position), `batch`
 //!   (length-bucketed batches under a token budget), `sharing` (rows of a window that share a
 //!   prompt: the prefix run once, its keys and values cached), `scorer` (runs a window of encoded rows
@@ -61,7 +60,6 @@ pub mod sharing;
 pub mod signal;
 pub mod table;
 pub mod verify;
-pub mod warmup;
 
 /// ArmoRM's 19 objectives, in the order of the regression layer's rows.
 pub const ATTRIBUTES: [&str; 19] = [

@@ -225,6 +225,34 @@ pub fn device(spec: Option<&str>) -> Result<Device, LoadError> {
     }
 }
 
+/// On CUDA, keeps the memory a run frees in the device's default pool instead of handing it back to the
+/// driver at every synchronization (the pool's release threshold is 0 by default). candle allocates
+/// every tensor with `cuMemAllocAsync` and a batch synchronizes when its scores are read back, so
+/// without this each batch maps its activations (gigabytes at 64K tokens) afresh, and a profiled run,
+/// which synchronizes around every section, maps them for every op. Nothing elsewhere.
+pub fn keep_freed_memory(device: &Device) -> Result<(), LoadError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let ctx = dev.cuda_stream().context().clone();
+        let err = |e: result::DriverError| LoadError::Device(format!("memory pool: {e}"));
+        ctx.bind_to_thread().map_err(err)?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the device is the context's own; the attribute takes a u64 (cuda docs).
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(err)?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .map_err(err)?;
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// `auto` is bf16 on a GPU (the checkpoint's own dtype) and f32 on CPU, where bf16 is widened anyway.
 pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
     match spec {

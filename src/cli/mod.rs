@@ -22,7 +22,6 @@ use armorm::model::{ArmoRM, ArmoRMConfig, AttentionKind, Profile};
 use armorm::pipeline::EncodeStage;
 use armorm::provenance::{self, Provenance};
 use armorm::scorer::Scorer;
-use armorm::warmup::Warmup;
 
 #[derive(Parser)]
 #[command(
@@ -113,8 +112,6 @@ pub struct Loaded {
     pub files: ModelFiles,
     pub dtype: candle_core::DType,
     pub provenance: Provenance,
-    /// Stopped and joined when the run ends, long after it finished (see `Warmup`).
-    _warmup: Vec<Warmup>,
 }
 
 impl ModelArgs {
@@ -124,9 +121,9 @@ impl ModelArgs {
         Ok(match self.device.as_deref() {
             Some(list) => list
                 .split(',')
-                .map(|d| loader::device(Some(d.trim())))
-                .collect::<Result<Vec<_>, _>>()?,
-            None => vec![loader::device(None)?],
+                .map(|d| open_device(Some(d.trim())))
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![open_device(None)?],
         })
     }
 
@@ -141,8 +138,6 @@ impl ModelArgs {
         let mut models = Vec::with_capacity(devices.len());
         let mut loaded = None;
         let mut attention = AttentionKind::Blocked;
-        // The kernels compile for the card while the weights load (kept until the run ends).
-        let warmup: Vec<Warmup> = devices.iter().map(Warmup::start).collect();
         for device in devices {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
@@ -192,7 +187,6 @@ impl ModelArgs {
             files,
             dtype,
             provenance,
-            _warmup: warmup,
         })
     }
 
@@ -238,7 +232,7 @@ fn with_kernels(
 ) -> Result<ArmoRM> {
     let model = model
         .with_attention(attention)
-        .with_fused_ops(fused_ops_requested())
+        .with_fused_ops(fused_ops_requested(device))
         .with_compute_dtype_residual(bf16_residual_requested());
     if attention == AttentionKind::Flash {
         check_flash(&model, device)?;
@@ -273,7 +267,7 @@ fn check_fused(model: &ArmoRM, device: &candle_core::Device, hidden: usize) -> R
     if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
             "ARMORM_FUSED_OPS: the fused ops on {} differ from candle's by {diff} (relative) on random \
-             rows (allowed {SELF_CHECK_TOLERANCE}); unset ARMORM_FUSED_OPS",
+             rows (allowed {SELF_CHECK_TOLERANCE}); set ARMORM_FUSED_OPS=0",
             device_name(device)
         );
     }
@@ -296,11 +290,23 @@ fn profile_requested() -> bool {
     env_flag("ARMORM_PROFILE")
 }
 
-/// `ARMORM_FUSED_OPS=1` (any value but empty or 0): the fused elementwise ops (SiLU·mul, residual add,
-/// RMSNorm with their casts) instead of candle's pairs of passes. Experimental, for measuring on a GPU
-/// (scripts/gpu-check.sh); an environment variable until measured, as ARMORM_PROFILE is.
-fn fused_ops_requested() -> bool {
-    env_flag("ARMORM_FUSED_OPS")
+/// The fused elementwise ops (SiLU·mul, residual add, RMSNorm with their casts) instead of candle's
+/// pairs of passes: on by default on CUDA, where the H200 check measured them 1.15x faster with the
+/// same accuracy (perf-notes 15); off on the CPU, where they were not measured faster.
+/// `ARMORM_FUSED_OPS=0` turns them off, any other value on.
+fn fused_ops_requested(device: &candle_core::Device) -> bool {
+    fused_ops_choice(
+        std::env::var_os("ARMORM_FUSED_OPS").as_deref(),
+        device.is_cuda(),
+    )
+}
+
+/// `ARMORM_FUSED_OPS`'s value (unset or empty: the device's default) -> whether the fused ops run.
+fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> bool {
+    match value {
+        Some(v) if !v.is_empty() => v != "0",
+        _ => cuda,
+    }
 }
 
 /// `ARMORM_BF16_RESIDUAL=1`: the backbone's residual stream in the compute dtype (bf16 or f16; no
@@ -309,6 +315,19 @@ fn fused_ops_requested() -> bool {
 /// side by side on a GPU (scripts/gpu-check.sh, issue 10 step 3), as ARMORM_FUSED_OPS is.
 fn bf16_residual_requested() -> bool {
     env_flag("ARMORM_BF16_RESIDUAL")
+}
+
+/// The device, with (on CUDA) freed memory kept in the allocator's pool unless
+/// `ARMORM_KEEP_FREED=0` (see `loader::keep_freed_memory`; the variable is for measuring both).
+fn open_device(spec: Option<&str>) -> Result<candle_core::Device> {
+    let device = loader::device(spec)?;
+    if std::env::var_os("ARMORM_KEEP_FREED").is_none_or(|v| v != "0") {
+        // Speed only: a driver without memory pools scores the same, a little slower.
+        if let Err(e) = loader::keep_freed_memory(&device) {
+            eprintln!("armorm: {e}; freed memory goes back to the driver");
+        }
+    }
+    Ok(device)
 }
 
 /// Whether the environment variable `name` is set to anything but empty or 0.
@@ -438,5 +457,15 @@ mod tests {
     fn the_column_flags_default_to_the_default_reading() {
         let parsed = Columns::try_parse_from(["armorm"]).unwrap();
         assert_eq!(parsed.columns.reading(), Reading::default());
+    }
+
+    #[test]
+    fn fused_ops_default_to_cuda_and_follow_the_variable() {
+        let v = |s: &'static str| Some(std::ffi::OsStr::new(s));
+        assert!(fused_ops_choice(None, true));
+        assert!(!fused_ops_choice(None, false));
+        assert!(fused_ops_choice(v(""), true), "empty means unset");
+        assert!(!fused_ops_choice(v("0"), true));
+        assert!(fused_ops_choice(v("1"), false));
     }
 }
