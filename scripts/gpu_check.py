@@ -15,6 +15,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
            compared against the fastest;
+  vector   armorm bf16 on both cases with ARMORM_FUSED_OPS=vector (the fused ops' kernels on 16-byte loads
+           and stores; perf-notes 15 predicts +8-9% short, +7-8% long): its gain, score difference and
+           Pearson figure;
   pool     armorm bf16 on both cases with ARMORM_KEEP_FREED=0 (freed memory handed back to the driver at
            every synchronization, candle's default): what keeping it in the pool gains;
   fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=0 (armorm's fused SiLU·mul, residual add and
@@ -81,7 +84,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "pool", "fused", "gemm", "parity", "sweep",
+PHASES = ["compile", "short", "long", "profile", "vector", "pool", "fused", "gemm", "parity", "sweep",
           "residual", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
@@ -485,6 +488,11 @@ class Check:
             if self.on(case):
                 self.armorm_case(case, "armorm_unfused", env={"ARMORM_FUSED_OPS": "0"})
 
+    def vector(self):
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, "armorm_vector", env={"ARMORM_FUSED_OPS": "vector"})
+
     def pool(self):
         for case in ("short", "long"):
             if self.on(case):
@@ -619,6 +627,8 @@ class Check:
                 self.timed(f"armorm {case}", lambda: self.armorm_case(case))
         if self.on("profile"):
             self.timed("profile", self.profile)
+        if self.on("vector"):
+            self.timed("armorm vector kernels", self.vector)
         if self.on("pool"):
             self.timed("armorm pool released", self.pool)
         if self.on("fused"):
@@ -695,6 +705,7 @@ class Check:
             for key, label, versus, new_is_variant in (
                     ("armorm_fused", "armorm bf16 ARMORM_FUSED_OPS=1", "fused ops vs not", True),
                     ("armorm_unfused", "armorm bf16 ARMORM_FUSED_OPS=0", "fused ops vs not", False),
+                    ("armorm_vector", "armorm bf16 ARMORM_FUSED_OPS=vector", "vector vs scalar kernels", True),
                     ("armorm_pool", "armorm bf16 ARMORM_KEEP_FREED=0", "pool kept vs released", False),
                     ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
@@ -753,6 +764,7 @@ class Check:
         # The variants whose default is decided from this run: their own figure against transformers-f32.
         variants = []
         for key, name in (("armorm_fused", "fused ops"), ("armorm_unfused", "unfused ops"),
+                          ("armorm_vector", "vector kernels"),
                           ("armorm_residual", "bf16 residual")):
             scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
                       **res.get(key, {}).get("long", {}).get("scores", {})}

@@ -390,6 +390,11 @@ impl Scorer {
         self.models.first().is_some_and(|m| m.fused_ops())
     }
 
+    /// Whether the fused ops run their vector kernels (`ARMORM_FUSED_OPS=vector`).
+    pub fn vector_ops(&self) -> bool {
+        self.models.first().is_some_and(|m| m.vector_ops())
+    }
+
     /// The backbone's residual stream dtype (f32 unless `ARMORM_BF16_RESIDUAL` in bf16 or f16).
     pub fn residual_dtype(&self) -> DType {
         self.models
@@ -400,7 +405,11 @@ impl Scorer {
     /// How batches run, for the summary line: the attention and the token budget (after any lowering).
     pub fn setup(&self) -> String {
         let attention = self.models.first().map_or("no", |m| m.attention().name());
-        let fused = if self.fused_ops() { ", fused ops" } else { "" };
+        let fused = match (self.fused_ops(), self.vector_ops()) {
+            (true, true) => ", fused ops (vector)",
+            (true, false) => ", fused ops",
+            _ => "",
+        };
         let residual = match self.residual_dtype() {
             DType::F32 => String::new(),
             dtype => format!(", {} residual", dtype.as_str()),

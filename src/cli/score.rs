@@ -372,6 +372,7 @@ impl<'a> Job<'a> {
             "dtype": format!("{:?}", loaded.dtype),
             "attention": loaded.provenance.attention,
             "fused_ops": loaded.scorer.fused_ops(),
+            "vector_ops": loaded.scorer.vector_ops(),
             "residual": loaded.scorer.residual_dtype().as_str(),
             "device": kinds,
             "inputs": inputs.iter().map(file_fingerprint).collect::<Vec<_>>(),

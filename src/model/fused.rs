@@ -1,40 +1,63 @@
-//! Fused elementwise ops (`ARMORM_FUSED_OPS=1`, experimental): SiLU·mul, the residual add with its
-//! cast, and RMSNorm with its cast, each one pass over a layer's activations instead of two. On CUDA
-//! they run armorm's kernels (`fused.cu`); on the CPU a plain loop of the same arithmetic, so that the
-//! model's use of them is tested anywhere. Off by default until the GPU check has measured them.
+//! Fused elementwise ops (on by default on CUDA): SiLU·mul, the residual add with its cast, and RMSNorm
+//! with its cast, each one pass over a layer's activations instead of two. On CUDA they run armorm's
+//! kernels (`fused.cu`), scalar or (`vector`, experimental) on 16-byte accesses; on the CPU a plain loop
+//! of the same arithmetic, so that the model's use of them is tested anywhere.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 
 /// silu(gate) · up in f32, rounded once to their dtype. `gate`, `up` (n, i) -> (n, i).
-pub(super) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.apply_op2_no_bwd(up, &SiluMul)
+pub(super) fn silu_mul(gate: &Tensor, up: &Tensor, vector: bool) -> Result<Tensor> {
+    gate.apply_op2_no_bwd(up, &SiluMul { vector })
 }
 
 /// The f32 residual stream plus a block's output in the compute dtype: (n, h) f32.
-pub(super) fn add_f32(residual: &Tensor, block: &Tensor) -> Result<Tensor> {
-    residual.apply_op2_no_bwd(block, &AddF32)
+pub(super) fn add_f32(residual: &Tensor, block: &Tensor, vector: bool) -> Result<Tensor> {
+    residual.apply_op2_no_bwd(block, &AddF32 { vector })
 }
 
 /// RMSNorm of f32 rows with an f32 weight, in `dtype`. `x` (n, h) f32 -> (n, h).
-pub(super) fn rms_norm_to(x: &Tensor, weight: &Tensor, eps: f32, dtype: DType) -> Result<Tensor> {
-    x.apply_op2_no_bwd(weight, &RmsNormTo { eps, dtype })
+pub(super) fn rms_norm_to(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    dtype: DType,
+    vector: bool,
+) -> Result<Tensor> {
+    x.apply_op2_no_bwd(weight, &RmsNormTo { eps, dtype, vector })
 }
 
-/// The largest difference between the fused ops and candle's unfused ones on random rows of
-/// `hidden` values on `device`, in `dtype`, relative to the largest magnitude of each op's output (at
-/// least 1). armorm's kernels are compiled here but first run on the
-/// user's card, so a run checks them once before trusting them. NaN reads as infinity.
-pub fn self_check(device: &Device, dtype: DType, hidden: usize) -> Result<f32> {
-    let x = Tensor::randn(0f32, 1.0, (64, hidden), device)?;
-    let w = Tensor::randn(1f32, 0.2, hidden, device)?;
-    let g = Tensor::randn(0f32, 2.0, (64, hidden), device)?.to_dtype(dtype)?;
-    let u = Tensor::randn(0f32, 1.0, (64, hidden), device)?.to_dtype(dtype)?;
+/// The largest difference between the fused ops (the `vector` kernels or the scalar ones) and candle's
+/// unfused ones on random rows on `device`, in `dtype`, relative to the largest magnitude of each op's
+/// output (at least 1): rows of `hidden` values, and a small odd shape that takes the kernels' scalar
+/// tails and fallbacks. armorm's kernels are compiled here but first run on the user's card, so a run
+/// checks them once before trusting them. NaN reads as infinity.
+pub fn self_check(device: &Device, dtype: DType, hidden: usize, vector: bool) -> Result<f32> {
+    let mut worst = 0f32;
+    for (rows, cols) in [(64, hidden), (5, 99)] {
+        worst = worst.max(self_check_shape(device, dtype, (rows, cols), vector)?);
+    }
+    Ok(worst)
+}
+
+fn self_check_shape(
+    device: &Device,
+    dtype: DType,
+    shape: (usize, usize),
+    vector: bool,
+) -> Result<f32> {
+    let x = Tensor::randn(0f32, 1.0, shape, device)?;
+    let w = Tensor::randn(1f32, 0.2, shape.1, device)?;
+    let g = Tensor::randn(0f32, 2.0, shape, device)?.to_dtype(dtype)?;
+    let u = Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?;
     let block = x.to_dtype(dtype)?;
     let pairs = [
-        (silu_mul(&g, &u)?, (candle_nn::ops::silu(&g)? * &u)?),
-        (add_f32(&x, &block)?, (&x + block.to_dtype(DType::F32)?)?),
+        (silu_mul(&g, &u, vector)?, (candle_nn::ops::silu(&g)? * &u)?),
         (
-            rms_norm_to(&x, &w, 1e-5, dtype)?,
+            add_f32(&x, &block, vector)?,
+            (&x + block.to_dtype(DType::F32)?)?,
+        ),
+        (
+            rms_norm_to(&x, &w, 1e-5, dtype, vector)?,
             candle_nn::ops::rms_norm(&x, &w, 1e-5)?.to_dtype(dtype)?,
         ),
     ];
@@ -65,7 +88,11 @@ fn f32_of<T: WithDType>(x: T) -> f32 {
     x.to_f64() as f32
 }
 
-struct SiluMul;
+struct SiluMul {
+    /// The CUDA kernel on 16-byte accesses; the CPU has one loop for both.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    vector: bool,
+}
 
 impl SiluMul {
     fn cpu<T: WithDType>(gate: &[T], up: &[T]) -> Vec<T> {
@@ -115,11 +142,15 @@ impl CustomOp2 for SiluMul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::silu_mul(s1, l1, s2, l2)
+        cuda::silu_mul(s1, l1, s2, l2, self.vector)
     }
 }
 
-struct AddF32;
+struct AddF32 {
+    /// The CUDA kernel on 16-byte accesses; the CPU has one loop for both.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    vector: bool,
+}
 
 impl AddF32 {
     fn cpu<T: WithDType>(residual: &[f32], block: &[T]) -> Vec<f32> {
@@ -165,13 +196,16 @@ impl CustomOp2 for AddF32 {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::add_f32(s1, l1, s2, l2)
+        cuda::add_f32(s1, l1, s2, l2, self.vector)
     }
 }
 
 struct RmsNormTo {
     eps: f32,
     dtype: DType,
+    /// The CUDA kernel on 16-byte accesses; the CPU has one loop for both.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    vector: bool,
 }
 
 impl RmsNormTo {
@@ -232,7 +266,7 @@ impl CustomOp2 for RmsNormTo {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm_to(s1, l1, s2, l2, self.eps, self.dtype)
+        cuda::rms_norm_to(s1, l1, s2, l2, self.eps, self.dtype, self.vector)
     }
 }
 
@@ -290,25 +324,36 @@ mod cuda {
         Ok(out)
     }
 
+    /// The kernel's name: `base`, or its 16-byte-access variant, for dtype `T`.
+    fn name<T: WithDType>(base: &str, vector: bool) -> String {
+        kernel_name::<T>(&if vector {
+            format!("{base}_vec")
+        } else {
+            base.to_string()
+        })
+    }
+
     pub(super) fn silu_mul(
         s1: &CudaStorage,
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
+        vector: bool,
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
             gate: (&CudaSlice<T>, (usize, usize)),
             up: (&CudaSlice<T>, (usize, usize)),
+            vector: bool,
         ) -> Result<CudaSlice<T>> {
-            binary(dev, &kernel_name::<T>("silu_mul"), gate, up)
+            binary(dev, &name::<T>("silu_mul", vector), gate, up)
         }
         let (r1, r2) = (contiguous(l1, "silu·mul")?, contiguous(l2, "silu·mul")?);
         let dev = &s1.device;
         let out = match (&s1.slice, &s2.slice) {
-            (S::BF16(g), S::BF16(u)) => S::BF16(run(dev, (g, r1), (u, r2))?),
-            (S::F16(g), S::F16(u)) => S::F16(run(dev, (g, r1), (u, r2))?),
-            (S::F32(g), S::F32(u)) => S::F32(run(dev, (g, r1), (u, r2))?),
+            (S::BF16(g), S::BF16(u)) => S::BF16(run(dev, (g, r1), (u, r2), vector)?),
+            (S::F16(g), S::F16(u)) => S::F16(run(dev, (g, r1), (u, r2), vector)?),
+            (S::F32(g), S::F32(u)) => S::F32(run(dev, (g, r1), (u, r2), vector)?),
             _ => candle_core::bail!("fused silu·mul: bf16, f16 or f32 inputs of one dtype"),
         };
         Ok(storage(out, dev, l1.shape()))
@@ -319,13 +364,15 @@ mod cuda {
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
+        vector: bool,
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
             residual: (&CudaSlice<f32>, (usize, usize)),
             block: (&CudaSlice<T>, (usize, usize)),
+            vector: bool,
         ) -> Result<CudaSlice<f32>> {
-            binary(dev, &kernel_name::<T>("add_f32"), residual, block)
+            binary(dev, &name::<T>("add_f32", vector), residual, block)
         }
         let (r1, r2) = (contiguous(l1, "add")?, contiguous(l2, "add")?);
         let dev = &s1.device;
@@ -333,9 +380,9 @@ mod cuda {
             candle_core::bail!("fused add: the residual stream must be f32")
         };
         let out = match &s2.slice {
-            S::BF16(b) => run(dev, (residual, r1), (b, r2))?,
-            S::F16(b) => run(dev, (residual, r1), (b, r2))?,
-            S::F32(b) => run(dev, (residual, r1), (b, r2))?,
+            S::BF16(b) => run(dev, (residual, r1), (b, r2), vector)?,
+            S::F16(b) => run(dev, (residual, r1), (b, r2), vector)?,
+            S::F32(b) => run(dev, (residual, r1), (b, r2), vector)?,
             _ => candle_core::bail!("fused add: a bf16, f16 or f32 block"),
         };
         Ok(storage(S::F32(out), dev, l1.shape()))
@@ -348,18 +395,19 @@ mod cuda {
         l2: &Layout,
         eps: f32,
         dtype: DType,
+        vector: bool,
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
             x: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
             w: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
             (rows, cols): (usize, usize),
-            eps: f32,
+            (eps, vector): (f32, bool),
         ) -> Result<CudaSlice<T>> {
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<T>(rows * cols)? };
             let func =
-                dev.get_or_load_custom_func(&kernel_name::<T>("rms_norm_to"), MODULE, PTX)?;
+                dev.get_or_load_custom_func(&name::<T>("rms_norm_to", vector), MODULE, PTX)?;
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (cols.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
@@ -388,9 +436,9 @@ mod cuda {
         let shape = ((r1.1 - r1.0) / cols, cols);
         let (x, w) = (x.slice(r1.0..r1.1), w.slice(r2.0..r2.1));
         let out = match dtype {
-            DType::BF16 => S::BF16(run(dev, &x, &w, shape, eps)?),
-            DType::F16 => S::F16(run(dev, &x, &w, shape, eps)?),
-            DType::F32 => S::F32(run(dev, &x, &w, shape, eps)?),
+            DType::BF16 => S::BF16(run(dev, &x, &w, shape, (eps, vector))?),
+            DType::F16 => S::F16(run(dev, &x, &w, shape, (eps, vector))?),
+            DType::F32 => S::F32(run(dev, &x, &w, shape, (eps, vector))?),
             other => candle_core::bail!("fused rms norm: no output in {other:?}"),
         };
         Ok(storage(out, dev, l1.shape()))
@@ -409,8 +457,11 @@ mod tests {
     #[test]
     fn the_self_check_passes_on_the_cpu() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let diff = self_check(&Device::Cpu, dtype, 100).unwrap();
-            assert!(diff < 5e-2, "{dtype:?}: {diff}");
+            // The CPU runs one loop for both kernels; on a GPU the check compares each with candle.
+            for vector in [false, true] {
+                let diff = self_check(&Device::Cpu, dtype, 100, vector).unwrap();
+                assert!(diff < 5e-2, "{dtype:?}: {diff}");
+            }
         }
     }
 
@@ -427,14 +478,14 @@ mod tests {
             // bf16: the unfused path rounds twice, the fused one once (relative differences).
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             assert!(
-                max_diff(&silu_mul(&g, &u).unwrap(), &want) < tol,
+                max_diff(&silu_mul(&g, &u, false).unwrap(), &want) < tol,
                 "silu·mul {dtype:?}"
             );
 
             let block = x.to_dtype(dtype).unwrap();
             let want = (&x + block.to_dtype(DType::F32).unwrap()).unwrap();
             assert!(
-                max_diff(&add_f32(&x, &block).unwrap(), &want) < 1e-6,
+                max_diff(&add_f32(&x, &block, false).unwrap(), &want) < 1e-6,
                 "add {dtype:?}"
             );
 
@@ -442,7 +493,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let got = rms_norm_to(&x, &w, 1e-5, dtype).unwrap();
+            let got = rms_norm_to(&x, &w, 1e-5, dtype, false).unwrap();
             assert_eq!(got.dtype(), dtype);
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(max_diff(&got, &want) < tol, "rms norm {dtype:?}");

@@ -26,6 +26,8 @@ pub(super) struct Layout {
     pub(super) attention: AttentionKind,
     /// Fused elementwise ops (`fused.rs`) instead of candle's pairs of passes.
     pub(super) fused: bool,
+    /// The fused ops' 16-byte-access kernels (CUDA; experimental).
+    pub(super) vector: bool,
     pub(super) grid: Grid,
     /// The model's timer (off unless a profile is on).
     pub(super) timer: Timer,
@@ -118,6 +120,7 @@ impl Layout {
             pick_sin: gather(&sin_t, &pick_positions)?,
             attention,
             fused: false,
+            vector: false,
             grid,
             timer: Timer::default(),
         })

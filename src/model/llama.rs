@@ -72,7 +72,7 @@ impl Mlp {
         let up = tm.time(Section::MlpMatmul, || self.up_proj.forward(xs))?;
         let act = tm.time(Section::SiluMul, move || {
             if lay.fused {
-                fused::silu_mul(&gate, &up)
+                fused::silu_mul(&gate, &up, lay.vector)
             } else {
                 candle_nn::ops::silu(&gate)? * up
             }
@@ -143,7 +143,7 @@ fn norm_to(norm: &RmsNorm, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
     }
     if lay.fused {
         return tm.time(Section::Norm, || {
-            fused::rms_norm_to(xs, &norm.weight, norm.eps, lay.dtype)
+            fused::rms_norm_to(xs, &norm.weight, norm.eps, lay.dtype, lay.vector)
         });
     }
     let normed = tm.time(Section::Norm, || norm.forward(xs))?;
@@ -157,7 +157,9 @@ fn add_residual(xs: &Tensor, block: Tensor, lay: &Layout) -> Result<Tensor> {
         return tm.time(Section::Residual, move || xs + block);
     }
     if lay.fused {
-        return tm.time(Section::Residual, move || fused::add_f32(xs, &block));
+        return tm.time(Section::Residual, move || {
+            fused::add_f32(xs, &block, lay.vector)
+        });
     }
     let block = tm.time(Section::Cast, move || block.to_dtype(DType::F32))?;
     tm.time(Section::Residual, move || xs + block)
@@ -174,6 +176,8 @@ pub struct Llama {
     device: Device,
     attention: AttentionKind,
     fused: bool,
+    /// The fused ops' vector kernels (`with_vector_ops`).
+    vector: bool,
     /// The residual stream's dtype: f32, or the compute dtype (`with_compute_dtype_residual`).
     residual: DType,
     timer: Timer,
@@ -198,6 +202,7 @@ impl Llama {
             )?,
             attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
             fused: false,
+            vector: false,
             residual: DType::F32,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -223,6 +228,18 @@ impl Llama {
 
     pub fn fused_ops(&self) -> bool {
         self.fused
+    }
+
+    /// Runs the fused ops' kernels on 16-byte loads and stores (CUDA; experimental, for the GPU
+    /// check). No change on the CPU or without the fused ops.
+    pub fn with_vector_ops(mut self, vector: bool) -> Self {
+        self.vector = vector;
+        self
+    }
+
+    /// Whether the fused ops run and use their vector kernels.
+    pub fn vector_ops(&self) -> bool {
+        self.fused && self.vector
     }
 
     /// Keeps the residual stream in the compute dtype (as transformers does) instead of f32: no casts
@@ -316,6 +333,7 @@ impl Llama {
         })?;
         lay.timer = tm.clone();
         lay.fused = self.fused;
+        lay.vector = self.vector;
         let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
         let mut xs = tm.time(Section::Cast, move || xs.to_dtype(self.residual))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {

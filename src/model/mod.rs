@@ -160,6 +160,16 @@ impl ArmoRM {
         self.model.fused_ops()
     }
 
+    /// The fused ops' 16-byte-access kernels (see `Llama::with_vector_ops`).
+    pub fn with_vector_ops(mut self, vector: bool) -> Self {
+        self.model = self.model.with_vector_ops(vector);
+        self
+    }
+
+    pub fn vector_ops(&self) -> bool {
+        self.model.vector_ops()
+    }
+
     /// Keeps the backbone's residual stream in the compute dtype instead of f32 (experimental, for
     /// measuring on the GPU; see `Llama::with_compute_dtype_residual`).
     pub fn with_compute_dtype_residual(mut self, on: bool) -> Self {
@@ -175,7 +185,8 @@ impl ArmoRM {
     /// The largest difference between the fused ops and the unfused ones on random rows of this
     /// model's width, on its device and in its dtype (see `fused::self_check`).
     pub fn fused_self_check(&self, hidden: usize) -> Result<f32> {
-        fused::self_check(self.model.device(), self.model.dtype(), hidden)
+        let (device, dtype) = (self.model.device(), self.model.dtype());
+        fused::self_check(device, dtype, hidden, self.model.vector_ops())
     }
 
     /// The largest difference between flash attention and the reference on random rows with this

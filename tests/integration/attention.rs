@@ -169,3 +169,22 @@ fn fused_ops_match_transformers() {
         }
     }
 }
+
+/// `ARMORM_FUSED_OPS=vector` selects the fused ops' 16-byte-access CUDA kernels (checked against
+/// candle on the device before use; the GPU check measures them). On the CPU both kernels are one loop,
+/// so this checks the switch: the summary line says which ran, the scores are the fused ops', and `0`
+/// turns the fused ops off.
+#[test]
+fn the_fused_ops_switch_names_what_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = repeated_goldens(dir.path());
+    let (fused, _) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "1")]);
+    let (vector, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "vector")]);
+    assert!(
+        log.contains("attention, fused ops (vector), batches"),
+        "{log}"
+    );
+    assert_same(&vector, &fused);
+    let (_, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "0")]);
+    assert!(!log.contains("fused ops"), "{log}");
+}
