@@ -363,12 +363,14 @@ impl Scorer {
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
                 self.lower_budget(tokens);
+                release_pool(model);
                 let (a, b) = rows.split_at(rows.len() / 2);
                 Ok(self.score_rows(model, encoded, a, out)?
                     + self.score_rows(model, encoded, b, out)?)
             }
             // Nothing left to split: this row alone is too large for the device.
             Err(e) if is_out_of_memory(&e) => {
+                release_pool(model);
                 let failure = RowFailure::OutOfMemory {
                     tokens,
                     message: e.to_string(),
@@ -478,6 +480,12 @@ impl Cost {
     fn padded(padded: usize) -> Self {
         Self { padded, saved: 0 }
     }
+}
+
+/// Best effort before a retry after running out of memory: the device's pool hands its free memory
+/// back to the driver (`loader::release_freed_memory`). If it cannot, the retry reports what fails.
+fn release_pool(model: &ArmoRM) {
+    let _ = crate::loader::release_freed_memory(model.device());
 }
 
 /// candle passes the CUDA driver's error through as text.

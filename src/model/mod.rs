@@ -160,6 +160,10 @@ impl ArmoRM {
         self.model.fused_ops()
     }
 
+    pub fn device(&self) -> &candle_core::Device {
+        self.model.device()
+    }
+
     /// The fused ops' 16-byte-access kernels (see `Llama::with_vector_ops`).
     pub fn with_vector_ops(mut self, vector: bool) -> Self {
         self.model = self.model.with_vector_ops(vector);

@@ -1,7 +1,7 @@
 //! `--attention`: flash attention's flat layout (cumulative lengths, [prefix; new] key sequences)
 //! gives transformers' results, checked through the hidden `varlen-reference` kernel (the same
 //! contract computed with matmuls, on the CPU); flash itself is refused where it cannot run. And the
-//! experimental fused elementwise ops (`ARMORM_FUSED_OPS=1`) give the same results.
+//! fused elementwise ops (`ARMORM_FUSED_OPS`, on by default on CUDA) give the same results.
 
 use crate::common::*;
 use crate::sharing::{assert_same, best_of_n, repeated_goldens, saved_tokens, score};
