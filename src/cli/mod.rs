@@ -268,8 +268,9 @@ fn check_fused(model: &ArmoRM, device: &candle_core::Device, hidden: usize) -> R
         .with_context(|| format!("fused ops self-check on {}", device_name(device)))?;
     if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
-            "ARMORM_FUSED_OPS: the fused ops on {} differ from candle's by {diff} (relative) on random \
-             rows (allowed {SELF_CHECK_TOLERANCE}); set ARMORM_FUSED_OPS=0",
+            "the fused ops' kernels on {} differ from candle's ops by {diff} (relative) on random \
+             rows (allowed {SELF_CHECK_TOLERANCE}): they do not run correctly on this device; set \
+             ARMORM_FUSED_OPS=0 to run without them",
             device_name(device)
         );
     }
