@@ -28,6 +28,11 @@ mkdir -p "$C/lib/stubs"
 sed 's/.*/void &(void) {}/' scripts/cuda/libcuda-symbols.txt > "$C/lib/stubs/libcuda-stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$C/lib/stubs/libcuda-stub.c"
 
+# armorm's fused kernels (src/model/fused.cu) run on the host first, each vector kernel against its
+# scalar one (scripts/cuda/emulate-fused.cpp): a wrong index fails here, not on a rented GPU.
+g++ -O1 -std=c++20 -pthread -I"$C/include" scripts/cuda/emulate-fused.cpp -o target/emulate-fused
+target/emulate-fused
+
 features=${FEATURES:-cuda,flash-attn}
 # candle-flash-attn's build helper clones CUTLASS from GitHub unless a checkout of the pinned commit is
 # cached where it looks: put one there from ../shared (no network).

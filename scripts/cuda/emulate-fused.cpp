@@ -1,0 +1,159 @@
+// The fused kernels of src/model/fused.cu run on the host: every CUDA thread of a block in turn (the
+// elementwise kernels, which never synchronize) or each on a thread of its own with a barrier for
+// __syncthreads and for each warp shuffle (the RMSNorm kernels; every thread of a block reaches each
+// one). It compares the 16-byte-access kernels with the scalar ones, on aligned and misaligned
+// pointers and on sizes with and without a tail, and the norm with a plain f64 reference. The GPU
+// self-check compares both with candle's ops on the card; this runs where no GPU is, at each CUDA build
+// (scripts/build-cuda.sh). Exit status 1 on any difference beyond rounding.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct Dim {
+    unsigned x = 0, y = 0, z = 0;
+};
+static Dim blockIdx, blockDim, gridDim;
+static thread_local Dim threadIdx;
+static std::barrier<> *block_barrier;
+static float shuffled[1024];
+static float shuffle_xor(float v, int offset) {
+    shuffled[threadIdx.x] = v;
+    block_barrier->arrive_and_wait();
+    const float r = shuffled[threadIdx.x ^ offset];
+    block_barrier->arrive_and_wait();
+    return r;
+}
+#include <vector_types.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#undef __shared__
+#define __shared__ static
+#define __shfl_xor_sync(mask, v, offset) shuffle_xor(v, offset)
+#define __syncthreads() block_barrier->arrive_and_wait()
+#define rsqrtf(x) (1.0f / sqrtf(x))
+#include "../../src/model/fused.cu"
+
+// Grid-stride kernels: a small grid covers any n, one thread after another.
+template <typename F> static void launch_elementwise(size_t n, F kernel) {
+    gridDim.x = (unsigned)std::min<size_t>(std::max<size_t>((n + 255) / 256, 1), 3);
+    blockDim.x = 256;
+    for (unsigned b = 0; b < gridDim.x; ++b) {
+        for (unsigned t = 0; t < blockDim.x; ++t) {
+            blockIdx.x = b;
+            threadIdx.x = t;
+            kernel();
+        }
+    }
+}
+
+// One block per row, as fused.rs launches the norm.
+template <typename F> static void launch_rows(unsigned rows, int cols, F kernel) {
+    gridDim.x = rows;
+    blockDim.x = std::min(std::max((cols + 31) / 32, 1), 32) * 32;
+    for (unsigned b = 0; b < rows; ++b) {
+        blockIdx.x = b;
+        std::barrier<> barrier(blockDim.x);
+        block_barrier = &barrier;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < blockDim.x; ++t) {
+            threads.emplace_back([&, t] {
+                threadIdx.x = t;
+                kernel();
+            });
+        }
+        for (auto &t : threads) {
+            t.join();
+        }
+    }
+}
+
+template <typename T> static int elementwise(size_t n, size_t off) {
+    std::mt19937 rng(n * 31 + off);
+    std::normal_distribution<float> d(0, 1);
+    const size_t len = n + off + 8;
+    std::vector<T> g(len), u(len), s1(len), s2(len);
+    std::vector<float> r(len), a1(len), a2(len);
+    for (size_t i = 0; i < len; ++i) {
+        g[i] = T(d(rng));
+        u[i] = T(d(rng));
+        r[i] = d(rng);
+    }
+    launch_elementwise(n, [&] { silu_mul<T>(&g[off], &u[off], &s1[off], n); });
+    launch_elementwise(n, [&] { silu_mul_vec<T>(&g[off], &u[off], &s2[off], n); });
+    launch_elementwise(n, [&] { add_f32<T>(&r[off], &g[off], &a1[off], n); });
+    launch_elementwise(n, [&] { add_f32_vec<T>(&r[off], &g[off], &a2[off], n); });
+    int bad = 0;
+    for (size_t i = 0; i < len; ++i) {
+        bad += std::memcmp(&s1[i], &s2[i], sizeof(T)) != 0;
+        bad += a1[i] != a2[i];
+    }
+    if (bad) {
+        std::printf("silu_mul/add_f32 vector != scalar: %zu-byte values, n %zu, offset %zu: %d\n", sizeof(T), n,
+                    off, bad);
+    }
+    return bad;
+}
+
+template <typename T> static int norm(int rows, int cols, int off) {
+    std::mt19937 rng(rows * cols + off);
+    std::normal_distribution<float> d(0, 1);
+    const size_t n = (size_t)rows * cols, len = n + off + 8;
+    std::vector<float> x(len), w(cols + off + 8);
+    std::vector<T> o1(len), o2(len);
+    for (auto &v : x) {
+        v = d(rng);
+    }
+    for (auto &v : w) {
+        v = 1.0f + 0.2f * d(rng);
+    }
+    launch_rows(rows, cols, [&] { rms_norm_to<T>(&x[off], &w[off], &o1[off], cols, 1e-5f); });
+    launch_rows(rows, cols, [&] { rms_norm_to_vec<T>(&x[off], &w[off], &o2[off], cols, 1e-5f); });
+    // Rounding of the output dtype; the vector kernel sums each row in another order.
+    const double tol = sizeof(T) == 4 ? 1e-5 : 1e-2;
+    double worst = 0;
+    for (int r = 0; r < rows; ++r) {
+        double sum = 0;
+        for (int c = 0; c < cols; ++c) {
+            sum += (double)x[off + r * cols + c] * x[off + r * cols + c];
+        }
+        const double scale = 1.0 / std::sqrt(sum / cols + 1e-5);
+        for (int c = 0; c < cols; ++c) {
+            const size_t i = off + (size_t)r * cols + c;
+            const double want = x[i] * scale * w[off + c];
+            for (double got : {(double)(float)o1[i], (double)(float)o2[i]}) {
+                worst = std::max(worst, std::abs(want - got) / std::max(1.0, std::abs(want)));
+            }
+        }
+    }
+    if (worst > tol) {
+        std::printf("rms_norm_to: %zu-byte output, %d x %d, offset %d: %.2e from the reference\n", sizeof(T), rows,
+                    cols, off, worst);
+        return 1;
+    }
+    return 0;
+}
+
+int main() {
+    int bad = 0;
+    for (size_t n : {1ul, 7ul, 8ul, 9ul, 4099ul, 64ul * 4096}) {
+        for (size_t off : {0ul, 1ul, 4ul, 8ul}) {
+            bad += elementwise<float>(n, off) + elementwise<__nv_bfloat16>(n, off) + elementwise<__half>(n, off);
+        }
+    }
+    for (int cols : {4096, 99, 100}) {
+        for (int off : {0, 1, 4}) {
+            bad += norm<float>(2, cols, off) + norm<__nv_bfloat16>(2, cols, off) + norm<__half>(2, cols, off);
+        }
+    }
+    std::printf("fused kernels on the host: %s\n", bad ? "DIFFERENCES (see above)" : "vector = scalar, norm = reference");
+    return bad != 0;
+}
