@@ -482,21 +482,21 @@ class Check:
                 f"JIT cache {c['cache_mib']:.0f} MiB")
         self.res["compile"] = c
 
+    def variant(self, label, env=None, extra=()):
+        """armorm bf16 on both cases with another environment or more flags, results under `label`."""
+        for case in ("short", "long"):
+            if self.on(case):
+                self.armorm_case(case, label, extra, env)
+
     def fused(self):
         """The fused ops are the default on CUDA since the first H200 check: this runs without them."""
-        for case in ("short", "long"):
-            if self.on(case):
-                self.armorm_case(case, "armorm_unfused", env={"ARMORM_FUSED_OPS": "0"})
+        self.variant("armorm_unfused", {"ARMORM_FUSED_OPS": "0"})
 
     def vector(self):
-        for case in ("short", "long"):
-            if self.on(case):
-                self.armorm_case(case, "armorm_vector", env={"ARMORM_FUSED_OPS": "vector"})
+        self.variant("armorm_vector", {"ARMORM_FUSED_OPS": "vector"})
 
     def pool(self):
-        for case in ("short", "long"):
-            if self.on(case):
-                self.armorm_case(case, "armorm_pool", env={"ARMORM_KEEP_FREED": "0"})
+        self.variant("armorm_pool", {"ARMORM_KEEP_FREED": "0"})
 
     def gemm(self):
         """torch's GEMMs (cuBLAS) on the projections' own shapes at a 65,536-token batch: the rate the
@@ -511,14 +511,10 @@ class Check:
         log("torch F.linear at 65,536 tokens, TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
 
     def residual(self):
-        for case in ("short", "long"):
-            if self.on(case):
-                self.armorm_case(case, "armorm_residual", env={"ARMORM_BF16_RESIDUAL": "1"})
+        self.variant("armorm_residual", {"ARMORM_BF16_RESIDUAL": "1"})
 
     def blocked(self):
-        for case in ("short", "long"):
-            if self.on(case):
-                self.armorm_case(case, "armorm_blocked", ("--attention", "blocked"))
+        self.variant("armorm_blocked", extra=("--attention", "blocked"))
 
     def armorm_case(self, case, label=None, extra=(), env=None):
         r = self.armorm.run(self.sets[case], "bf16", sample_gpu=self.device.type == "cuda", extra=extra,

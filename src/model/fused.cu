@@ -6,10 +6,15 @@
 
 // silu(gate) · up, in f32, rounded once.
 template <typename T>
+__device__ __forceinline__ T silu_mul_one(const T g, const T u) {
+    const float x = static_cast<float>(g);
+    return static_cast<T>(x / (1.0f + expf(-x)) * static_cast<float>(u));
+}
+
+template <typename T>
 __device__ void silu_mul(const T *gate, const T *up, T *out, const size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
-        const float g = static_cast<float>(gate[i]);
-        out[i] = static_cast<T>(g / (1.0f + expf(-g)) * static_cast<float>(up[i]));
+        out[i] = silu_mul_one(gate[i], up[i]);
     }
 }
 
@@ -21,16 +26,9 @@ __device__ void add_f32(const float *residual, const T *block, float *out, const
     }
 }
 
-// RMSNorm of f32 rows with an f32 weight, written in the compute dtype: one block per row.
-template <typename T>
-__device__ void rms_norm_to(const float *x, const float *weight, T *out, const int cols, const float eps) {
+// The sum over the block of each thread's `sum` (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float sum) {
     __shared__ float partial[32];
-    const float *row = x + (size_t)blockIdx.x * cols;
-    T *dst = out + (size_t)blockIdx.x * cols;
-    float sum = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        sum += row[c] * row[c];
-    }
     for (int offset = 16; offset > 0; offset /= 2) {
         sum += __shfl_xor_sync(0xffffffff, sum, offset);
     }
@@ -43,7 +41,19 @@ __device__ void rms_norm_to(const float *x, const float *weight, T *out, const i
     for (int offset = 16; offset > 0; offset /= 2) {
         sum += __shfl_xor_sync(0xffffffff, sum, offset);
     }
-    const float scale = rsqrtf(sum / cols + eps);
+    return sum;
+}
+
+// RMSNorm of f32 rows with an f32 weight, written in the compute dtype: one block per row.
+template <typename T>
+__device__ void rms_norm_to(const float *x, const float *weight, T *out, const int cols, const float eps) {
+    const float *row = x + (size_t)blockIdx.x * cols;
+    T *dst = out + (size_t)blockIdx.x * cols;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        sum += row[c] * row[c];
+    }
+    const float scale = rsqrtf(block_sum(sum) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         dst[c] = static_cast<T>(row[c] * scale * weight[c]);
     }
@@ -78,12 +88,6 @@ template <typename T, int W> struct Pack {
         reinterpret_cast<bits *>(p)[chunk] = raw;
     }
 };
-
-template <typename T>
-__device__ __forceinline__ T silu_mul_one(const T g, const T u) {
-    const float x = static_cast<float>(g);
-    return static_cast<T>(x / (1.0f + expf(-x)) * static_cast<float>(u));
-}
 
 template <typename T>
 __device__ void silu_mul_vec(const T *gate, const T *up, T *out, const size_t n) {
@@ -130,24 +134,6 @@ __device__ void add_f32_vec(const float *residual, const T *block, float *out, c
     for (size_t i = done + first; i < n; i += stride) {
         out[i] = residual[i] + static_cast<float>(block[i]);
     }
-}
-
-// The sum over the block of each thread's `sum` (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float sum) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(0xffffffff, sum, offset);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
-    if (lane == 0) {
-        partial[warp] = sum;
-    }
-    __syncthreads();
-    sum = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(0xffffffff, sum, offset);
-    }
-    return sum;
 }
 
 template <typename T>
