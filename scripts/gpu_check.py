@@ -10,7 +10,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   short    armorm bf16 on 1,024 rows of ~265 tokens (the issue's first case), with --attention flash
            (the default of these runs; --attention blocked or auto for a build without flash-attn);
   long     armorm bf16 on 32 rows of 3,000-6,200 tokens (the issue's second case);
-  profile  one more armorm run of each case, smaller, with ARMORM_PROFILE=1: where the time goes;
+  profile  one more armorm run of each case with ARMORM_PROFILE=1: where the time goes; then the same
+           with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv: the sections that
+           perf-notes 15-16 predict it shortens);
   parity   armorm f32 against transformers f32 on a few short and a few long rows, and transformers f32
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
@@ -18,6 +20,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   vector   armorm bf16 on both cases with ARMORM_FUSED_OPS=vector (the fused ops' kernels on 16-byte loads
            and stores; perf-notes 15 predicts +8-9% short, +7-8% long): its gain, score difference and
            Pearson figure;
+  qkv      armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv (the vector kernels, and each layer's
+           q/k/v as one GEMM with RoPE in place on its output, handed to flash attention as views;
+           perf-notes 16 predicts +2-3% over vector alone): its gain, score difference and Pearson figure;
   pool     armorm bf16 on both cases with ARMORM_KEEP_FREED=0 (freed memory handed back to the driver at
            every synchronization, candle's default): what keeping it in the pool gains;
   fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=0 (armorm's fused SiLU·mul, residual add and
@@ -37,7 +42,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 
 Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
 of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
-whole sets, the default now), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
+whole sets, the default now; ~40 with --profile-fused's one variant), vector and qkv ~20 each (predicted,
+like fused), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
 and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
@@ -84,7 +90,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "vector", "pool", "fused", "gemm", "parity", "sweep",
+PHASES = ["compile", "short", "long", "profile", "vector", "qkv", "pool", "fused", "gemm", "parity", "sweep",
           "residual", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
@@ -495,6 +501,9 @@ class Check:
     def vector(self):
         self.variant("armorm_vector", {"ARMORM_FUSED_OPS": "vector"})
 
+    def qkv(self):
+        self.variant("armorm_qkv", {"ARMORM_FUSED_OPS": "vector,qkv"})
+
     def pool(self):
         self.variant("armorm_pool", {"ARMORM_KEEP_FREED": "0"})
 
@@ -526,19 +535,24 @@ class Check:
         self.res[label or "armorm"][case]["scores"] = r["scores"]
 
     def profile(self):
+        """The default, then each ARMORM_FUSED_OPS value of --profile-fused: section by section, so that
+        a variant's gain can be set against the sections its prediction names."""
         a = self.args
-        for case, n in (("short", a.profile_rows), ("long", a.profile_long_rows)):
-            if n == 0:
-                continue
-            data = write_rows(self.work / f"profile-{case}.jsonl", self.rows[case][:n])
-            r = self.armorm.run(data, "bf16", env={"ARMORM_PROFILE": "1"})
-            if not r["profile"]:
-                raise RuntimeError(f"ARMORM_PROFILE=1 printed no profile for {case}")
-            tokens = sum(self.lens[case][:n])
-            self.res.setdefault("profile", {})[case] = dict(rows=n, tokens=tokens, seconds=r["seconds"],
-                                                           sections=r["profile"])
-            log(f"profile {case} ({n} rows, {tokens / r['seconds']:.0f} tok/s while profiled): " +
-                ", ".join(f"{s} {share:.1f}%" for s, _, share in r["profile"][:6]))
+        for fused in [None, *a.profile_fused]:
+            key = "profile" if fused is None else f"profile {fused}"
+            env = {"ARMORM_PROFILE": "1", **({"ARMORM_FUSED_OPS": fused} if fused else {})}
+            for case, n in (("short", a.profile_rows), ("long", a.profile_long_rows)):
+                if n == 0:
+                    continue
+                data = write_rows(self.work / f"profile-{case}.jsonl", self.rows[case][:n])
+                r = self.armorm.run(data, "bf16", env=env)
+                if not r["profile"]:
+                    raise RuntimeError(f"ARMORM_PROFILE=1 printed no profile for {case}")
+                tokens = sum(self.lens[case][:n])
+                self.res.setdefault(key, {})[case] = dict(rows=n, tokens=tokens, seconds=r["seconds"],
+                                                          sections=r["profile"])
+                log(f"{key} {case} ({n} rows, {tokens / r['seconds']:.0f} tok/s while profiled): " +
+                    ", ".join(f"{s} {share:.1f}%" for s, _, share in r["profile"][:6]))
 
     def armorm_f32(self):
         check = write_rows(self.work / "check.jsonl", self.check_rows)
@@ -625,6 +639,8 @@ class Check:
             self.timed("profile", self.profile)
         if self.on("vector"):
             self.timed("armorm vector kernels", self.vector)
+        if self.on("qkv"):
+            self.timed("armorm vector kernels and one q/k/v GEMM", self.qkv)
         if self.on("pool"):
             self.timed("armorm pool released", self.pool)
         if self.on("fused"):
@@ -702,6 +718,7 @@ class Check:
                     ("armorm_fused", "armorm bf16 ARMORM_FUSED_OPS=1", "fused ops vs not", True),
                     ("armorm_unfused", "armorm bf16 ARMORM_FUSED_OPS=0", "fused ops vs not", False),
                     ("armorm_vector", "armorm bf16 ARMORM_FUSED_OPS=vector", "vector vs scalar kernels", True),
+                    ("armorm_qkv", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv", "vector+qkv vs default", True),
                     ("armorm_pool", "armorm bf16 ARMORM_KEEP_FREED=0", "pool kept vs released", False),
                     ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
@@ -736,9 +753,11 @@ class Check:
                 g = arm["gpu"]
                 p(f"{'':10} armorm while scoring: GPU busy {g['util']:.0f}%, {g['watts']:.0f} W, "
                   f"{g['mem_mib'] / 1024:.1f} GiB used")
-        for case, prof in res.get("profile", {}).items():
-            top = ", ".join(f"{s} {share:.1f}%" for s, _, share in prof["sections"][:8])
-            p(f"profile {case} ({prof['rows']} rows, {prof['tokens'] / prof['seconds']:.0f} tok/s profiled): {top}")
+        for key in [k for k in res if k.startswith("profile")]:
+            for case, prof in res[key].items():
+                top = ", ".join(f"{s} {share:.1f}%" for s, _, share in prof["sections"][:8])
+                p(f"{key} {case} ({prof['rows']} rows, {prof['tokens'] / prof['seconds']:.0f} tok/s profiled): "
+                  f"{top}")
         ok = True
         for case, par in res.get("f32_parity", {}).items():
             good = par["max_abs_diff"] <= 1e-3
@@ -760,7 +779,7 @@ class Check:
         # The variants whose default is decided from this run: their own figure against transformers-f32.
         variants = []
         for key, name in (("armorm_fused", "fused ops"), ("armorm_unfused", "unfused ops"),
-                          ("armorm_vector", "vector kernels"),
+                          ("armorm_vector", "vector kernels"), ("armorm_qkv", "vector+qkv"),
                           ("armorm_residual", "bf16 residual")):
             scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
                       **res.get(key, {}).get("long", {}).get("scores", {})}
@@ -803,12 +822,15 @@ def main():
     # in whichever section meets them first (the head's f32 GEMMs took 6.9% of a one-pass profile).
     ap.add_argument("--profile-rows", type=int, default=1024, help="short rows of the ARMORM_PROFILE run")
     ap.add_argument("--profile-long-rows", type=int, default=32, help="long rows of the ARMORM_PROFILE run")
+    ap.add_argument("--profile-fused", nargs="*", default=["vector,qkv"],
+                    help="ARMORM_FUSED_OPS values profiled after the default (none: the default only)")
     ap.add_argument("--tf-batch-sizes", type=ints, default=[16, 32, 64, 128])
     ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8, 16])
     ap.add_argument("--f32-batch-size", type=int, default=32, help="transformers f32 on the accuracy rows")
     ap.add_argument("--max-batch-tokens", default="auto", help="armorm's token budget (a number or auto)")
-    ap.add_argument("--attention", default="flash", choices=["flash", "blocked", "auto"],
-                    help="armorm's --attention in the bf16 runs (flash needs a flash-attn build)")
+    ap.add_argument("--attention", default="flash", choices=["flash", "blocked", "auto", "varlen-reference"],
+                    help="armorm's --attention in the bf16 runs (flash needs a flash-attn build; "
+                         "varlen-reference runs the flat layout anywhere, for a dry run on a CPU)")
     ap.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help=f"comma-separated phases to skip, of {','.join(PHASES)}")
     ap.add_argument("--best-of-8", action="store_true", help="also the best-of-8 case (for issue 12)")

@@ -397,6 +397,11 @@ impl Scorer {
         self.models.first().is_some_and(|m| m.vector_ops())
     }
 
+    /// Whether q/k/v run as one GEMM with RoPE in place (`ARMORM_FUSED_OPS=qkv`).
+    pub fn fused_qkv(&self) -> bool {
+        self.models.first().is_some_and(|m| m.fused_qkv())
+    }
+
     /// The backbone's residual stream dtype (f32 unless `ARMORM_BF16_RESIDUAL` in bf16 or f16).
     pub fn residual_dtype(&self) -> DType {
         self.models
@@ -407,9 +412,11 @@ impl Scorer {
     /// How batches run, for the summary line: the attention and the token budget (after any lowering).
     pub fn setup(&self) -> String {
         let attention = self.models.first().map_or("no", |m| m.attention().name());
-        let fused = match (self.fused_ops(), self.vector_ops()) {
-            (true, true) => ", fused ops (vector)",
-            (true, false) => ", fused ops",
+        let fused = match (self.fused_ops(), self.vector_ops(), self.fused_qkv()) {
+            (true, true, true) => ", fused ops (vector, qkv)",
+            (true, true, false) => ", fused ops (vector)",
+            (true, false, true) => ", fused ops (qkv)",
+            (true, false, false) => ", fused ops",
             _ => "",
         };
         let residual = match self.residual_dtype() {

@@ -142,6 +142,56 @@ template <typename T> static int norm(int rows, int cols, int off) {
     return 0;
 }
 
+// RoPE in place on `heads` rotated heads of rows holding `heads + 2` heads of d values (two value heads
+// after them, as in a q/k/v projection): the kernel's entry (16-byte accesses where it can) against its
+// one-value-at-a-time loop (bit for bit), the value heads untouched, and both against an f64 reference.
+template <typename T> static int rope(size_t tokens, int heads, int d, size_t off) {
+    std::mt19937 rng(tokens * 131 + heads * 17 + d + off);
+    std::normal_distribution<float> dist(0, 1);
+    const int half = d / 2;
+    const size_t row = (size_t)(heads + 2) * d, len = tokens * row + off + 8, cs_len = tokens * half + off + 8;
+    std::vector<T> x(len), cos(cs_len), sin(cs_len);
+    for (auto &v : x) {
+        v = T(dist(rng));
+    }
+    for (size_t i = 0; i < cs_len; ++i) {
+        const float angle = dist(rng) * 3.0f;
+        cos[i] = T(std::cos(angle));
+        sin[i] = T(std::sin(angle));
+    }
+    std::vector<T> entry = x, scalar = x;
+    const size_t n = tokens * heads * half;
+    launch_elementwise(n, [&] { rope_qk<T>(&entry[off], &cos[off], &sin[off], tokens, heads, row, d); });
+    launch_elementwise(n, [&] { rope_heads<T, 1>(&scalar[off], &cos[off], &sin[off], tokens, heads, row, d); });
+    int bad = 0;
+    double worst = 0;
+    for (size_t t = 0; t < tokens; ++t) {
+        for (int h = 0; h < heads + 2; ++h) {
+            for (int j = 0; j < d; ++j) {
+                const size_t i = off + t * row + (size_t)h * d + j;
+                bad += std::memcmp(&entry[i], &scalar[i], sizeof(T)) != 0;
+                if (h >= heads) {
+                    bad += std::memcmp(&entry[i], &x[i], sizeof(T)) != 0;
+                    continue;
+                }
+                const size_t lo = i - (j < half ? 0 : half), c = off + t * half + j % half;
+                const double a = (float)x[lo], b = (float)x[lo + half], co = (float)cos[c], si = (float)sin[c];
+                const double want = j < half ? a * co - b * si : a * si + b * co;
+                worst = std::max(worst, std::abs(want - (double)(float)entry[i]));
+            }
+        }
+    }
+    // Rounding: T's products and sum of values of magnitude up to ~4.
+    const double tol = sizeof(T) == 4 ? 1e-5 : 8e-2;
+    if (bad || worst > tol) {
+        std::printf("rope_qk: %zu-byte values, %zu tokens x %d heads of %d, offset %zu: %d differences from "
+                    "the scalar loop or in value heads, %.2e from the reference\n",
+                    sizeof(T), tokens, heads, d, off, bad, worst);
+        return 1;
+    }
+    return 0;
+}
+
 int main() {
     int bad = 0;
     for (size_t n : {1ul, 7ul, 8ul, 9ul, 4099ul, 64ul * 4096}) {
@@ -154,6 +204,12 @@ int main() {
             bad += norm<float>(2, cols, off) + norm<__nv_bfloat16>(2, cols, off) + norm<__half>(2, cols, off);
         }
     }
-    std::printf("fused kernels on the host: %s\n", bad ? "DIFFERENCES (see above)" : "vector = scalar, norm = reference");
+    for (int d : {128, 16, 6}) {
+        for (size_t off : {0ul, 1ul, 8ul}) {
+            bad += rope<float>(3, 5, d, off) + rope<__nv_bfloat16>(3, 5, d, off) + rope<__half>(3, 5, d, off);
+        }
+    }
+    std::printf("fused kernels on the host: %s\n",
+                bad ? "DIFFERENCES (see above)" : "vector = scalar, norm and rope = reference");
     return bad != 0;
 }

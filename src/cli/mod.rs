@@ -230,11 +230,13 @@ fn with_kernels(
     device: &candle_core::Device,
     config: &ArmoRMConfig,
 ) -> Result<ArmoRM> {
-    let (fused, vector) = fused_ops_requested(device);
+    let fused = fused_ops_requested(device)?;
     let model = model
         .with_attention(attention)
-        .with_fused_ops(fused)
-        .with_vector_ops(vector)
+        .with_fused_ops(fused.on)
+        .with_vector_ops(fused.vector)
+        .with_fused_qkv(fused.qkv)
+        .context("joining the q/k/v weights for ARMORM_FUSED_OPS=qkv")?
         .with_compute_dtype_residual(bf16_residual_requested());
     if attention == AttentionKind::Flash {
         check_flash(&model, device)?;
@@ -296,22 +298,50 @@ fn profile_requested() -> bool {
 /// The fused elementwise ops (SiLU·mul, residual add, RMSNorm with their casts) instead of candle's
 /// pairs of passes: on by default on CUDA, where the H200 check measured them 1.13-1.18x faster with the
 /// same accuracy (perf-notes 15); off on the CPU, where they were not measured faster.
-/// `ARMORM_FUSED_OPS=0` turns them off, `vector` runs their 16-byte-access kernels (experimental, for the
-/// GPU check), any other value turns them on. Returns (fused ops, vector kernels).
-fn fused_ops_requested(device: &candle_core::Device) -> (bool, bool) {
+/// `ARMORM_FUSED_OPS=0` turns them off; a comma-separated list of `vector` (their 16-byte-access kernels)
+/// and `qkv` (q/k/v as one GEMM with RoPE in place, under flat attention) turns them on with those
+/// experimental kernels, for the GPU check; any other single value turns them on.
+fn fused_ops_requested(device: &candle_core::Device) -> Result<FusedChoice> {
     fused_ops_choice(
         std::env::var_os("ARMORM_FUSED_OPS").as_deref(),
         device.is_cuda(),
     )
 }
 
-/// `ARMORM_FUSED_OPS`'s value (unset or empty: the device's default) -> (fused ops, vector kernels).
-fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> (bool, bool) {
-    match value {
-        Some(v) if v == "vector" => (true, true),
-        Some(v) if !v.is_empty() => (v != "0", false),
-        _ => (cuda, false),
+/// What `ARMORM_FUSED_OPS` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FusedChoice {
+    on: bool,
+    vector: bool,
+    qkv: bool,
+}
+
+/// `ARMORM_FUSED_OPS`'s value (unset or empty: the device's default) -> what runs. A list naming
+/// anything but `vector` and `qkv` is refused rather than half-read.
+fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> Result<FusedChoice> {
+    let off = FusedChoice::default();
+    let on = FusedChoice { on: true, ..off };
+    let value = match value.map(|v| v.to_string_lossy()) {
+        None => return Ok(FusedChoice { on: cuda, ..off }),
+        Some(v) if v.is_empty() => return Ok(FusedChoice { on: cuda, ..off }),
+        Some(v) if v == "0" => return Ok(off),
+        Some(v) => v.into_owned(),
+    };
+    let names: Vec<&str> = value.split(',').map(str::trim).collect();
+    let known = |n: &str| n == "vector" || n == "qkv";
+    if names.len() > 1 || names.iter().any(|&n| known(n)) {
+        if let Some(bad) = names.iter().find(|&&n| !known(n)) {
+            anyhow::bail!(
+                "ARMORM_FUSED_OPS={value}: no kernels named {bad:?} (a list of vector and qkv, or 0 \
+                 to turn the fused ops off)"
+            );
+        }
     }
+    Ok(FusedChoice {
+        vector: names.contains(&"vector"),
+        qkv: names.contains(&"qkv"),
+        ..on
+    })
 }
 
 /// `ARMORM_BF16_RESIDUAL=1`: the backbone's residual stream in the compute dtype (bf16 or f16; no
@@ -467,15 +497,27 @@ mod tests {
     #[test]
     fn fused_ops_default_to_cuda_and_follow_the_variable() {
         let v = |s: &'static str| Some(std::ffi::OsStr::new(s));
-        assert_eq!(fused_ops_choice(None, true), (true, false));
-        assert_eq!(fused_ops_choice(None, false), (false, false));
+        let choice = |value, cuda| {
+            let c = fused_ops_choice(value, cuda).unwrap();
+            (c.on, c.vector, c.qkv)
+        };
+        assert_eq!(choice(None, true), (true, false, false));
+        assert_eq!(choice(None, false), (false, false, false));
         assert_eq!(
-            fused_ops_choice(v(""), true),
-            (true, false),
+            choice(v(""), true),
+            (true, false, false),
             "empty means unset"
         );
-        assert_eq!(fused_ops_choice(v("0"), true), (false, false));
-        assert_eq!(fused_ops_choice(v("1"), false), (true, false));
-        assert_eq!(fused_ops_choice(v("vector"), false), (true, true));
+        assert_eq!(choice(v("0"), true), (false, false, false));
+        assert_eq!(choice(v("1"), false), (true, false, false));
+        assert_eq!(choice(v("vector"), false), (true, true, false));
+        assert_eq!(choice(v("qkv"), false), (true, false, true));
+        assert_eq!(choice(v("vector,qkv"), true), (true, true, true));
+        assert_eq!(choice(v("qkv, vector"), true), (true, true, true));
+        let err = fused_ops_choice(v("vector,qvk"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"qvk\""), "{err}");
+        assert!(fused_ops_choice(v("qkv,1"), true).is_err());
     }
 }

@@ -20,6 +20,9 @@ pub(super) struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v's weights as one ((nh + 2·nkv)·d, h) matrix, of which the three projections' weights
+    /// are views (`fuse_qkv`): one GEMM for the three under `ARMORM_FUSED_OPS=qkv`.
+    qkv: Option<Linear>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -34,6 +37,7 @@ impl Attention {
             k_proj: linear(vb.pp("k_proj"), h, nkv * d)?,
             v_proj: linear(vb.pp("v_proj"), h, nkv * d)?,
             o_proj: linear(vb.pp("o_proj"), nh * d, h)?,
+            qkv: None,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -84,6 +88,28 @@ impl Attention {
             tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
             kv,
         ))
+    }
+
+    /// Puts the q, k and v weights into one matrix (the three projections keep views of it: no more
+    /// memory), so that flat attention under the fused ops runs them as one GEMM.
+    pub(super) fn fuse_qkv(&mut self) -> Result<()> {
+        let (q, k) = (self.q_proj.weight().dim(0)?, self.k_proj.weight().dim(0)?);
+        let weight = Tensor::cat(
+            &[
+                self.q_proj.weight(),
+                self.k_proj.weight(),
+                self.v_proj.weight(),
+            ],
+            0,
+        )?; // ((nh + 2·nkv)·d, h)
+        let view = |start, len| {
+            Ok::<_, candle_core::Error>(Linear::new(weight.narrow(0, start, len)?, None))
+        };
+        self.q_proj = view(0, q)?;
+        self.k_proj = view(q, k)?;
+        self.v_proj = view(q + k, k)?;
+        self.qkv = Some(Linear::new(weight, None));
+        Ok(())
     }
 
     /// Query heads and key/value heads.
@@ -153,6 +179,9 @@ impl Attention {
         grid: &Varlen,
         past: Option<&Kv>,
     ) -> Result<(Tensor, Kv)> {
+        if let (Some(qkv), true, None) = (&self.qkv, lay.fused, past) {
+            return self.attend_flat_fused(xs, lay, grid, qkv);
+        }
         let tm = &lay.timer;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n = xs.dim(0)?;
@@ -167,6 +196,39 @@ impl Attention {
         let out = tm.time(Section::VarlenAttention, || {
             grid.attend(lay.attention, &q.reshape((n, nh, d))?, &k, &v)
         })?; // (n, nh, d)
+        Ok((out.reshape((n, nh * d))?, kv))
+    }
+
+    /// `attend_flat` without a cache, through one q/k/v GEMM and RoPE in place on its output: queries,
+    /// keys and values stay views of that one buffer, as the varlen kernel takes them (only the last
+    /// dim contiguous), so nothing is copied. The keys and values returned are views of it too.
+    fn attend_flat_fused(
+        &self,
+        xs: &Tensor,
+        lay: &Layout,
+        grid: &Varlen,
+        qkv: &Linear,
+    ) -> Result<(Tensor, Kv)> {
+        let tm = &lay.timer;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n = xs.dim(0)?;
+        let all = tm.time(Section::Qkv, || qkv.forward(xs))?; // (n, (nh + 2·nkv)·d)
+        tm.time(Section::Rope, || {
+            super::fused::rope_qk(&all, &lay.cos, &lay.sin, nh + nkv, d)
+        })?;
+        let heads = all.reshape((n, nh + 2 * nkv, d))?;
+        let out = tm.time(Section::VarlenAttention, || {
+            grid.attend(
+                lay.attention,
+                &heads.narrow(1, 0, nh)?,
+                &heads.narrow(1, nh, nkv)?,
+                &heads.narrow(1, nh + nkv, nkv)?,
+            )
+        })?; // (n, nh, d)
+        let kv = Kv {
+            k: all.narrow(1, nh * d, nkv * d)?,
+            v: all.narrow(1, (nh + nkv) * d, nkv * d)?,
+        };
         Ok((out.reshape((n, nh * d))?, kv))
     }
 
@@ -299,6 +361,7 @@ mod tests {
             k_proj: proj(),
             v_proj: proj(),
             o_proj: proj(),
+            qkv: None,
             num_heads,
             num_kv_heads,
             head_dim,

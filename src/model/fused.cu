@@ -65,6 +65,8 @@ __device__ void rms_norm_to(const float *x, const float *weight, T *out, const i
 // the tail (n not a multiple of the vector width) one value at a time.
 
 template <int BYTES> struct Bits;
+template <> struct Bits<2> { typedef unsigned short type; };
+template <> struct Bits<4> { typedef unsigned int type; };
 template <> struct Bits<8> { typedef uint2 type; };
 template <> struct Bits<16> { typedef uint4 type; };
 
@@ -174,6 +176,44 @@ __device__ void rms_norm_to_vec(const float *x, const float *weight, T *out, con
     }
 }
 
+// RoPE in place on the query and key heads of one q/k/v projection (`ARMORM_FUSED_OPS=qkv`): `tokens`
+// rows of `row` values each, of which the first `heads` heads of `d` values are rotated by their token's
+// cos and sin (tokens, d/2) and the rest (the value heads) are left alone. The arithmetic is candle's
+// rope_thd, in T. W values of each half at a time: 16 bytes, or 1 (the fallback).
+template <typename T, int W>
+__device__ void rope_heads(T *x, const T *cos, const T *sin, const size_t tokens, const int heads, const size_t row,
+                           const int d) {
+    const int half = d / 2, chunks = half / W;
+    const size_t per_token = (size_t)heads * chunks, items = tokens * per_token;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < items; i += (size_t)blockDim.x * gridDim.x) {
+        const size_t t = i / per_token;
+        const int rest = (int)(i - t * per_token), h = rest / chunks, j = (rest - h * chunks) * W;
+        T *lo = x + t * row + (size_t)h * d + j, *hi = lo + half;
+        const size_t cs = t * half + j;
+        const Pack<T, W> a = Pack<T, W>::load(lo, 0), b = Pack<T, W>::load(hi, 0);
+        const Pack<T, W> c = Pack<T, W>::load(cos + cs, 0), s = Pack<T, W>::load(sin + cs, 0);
+        Pack<T, W> first, second;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            first.v[k] = a.v[k] * c.v[k] - b.v[k] * s.v[k];
+            second.v[k] = a.v[k] * s.v[k] + b.v[k] * c.v[k];
+        }
+        first.store(lo, 0);
+        second.store(hi, 0);
+    }
+}
+
+template <typename T>
+__device__ void rope_qk(T *x, const T *cos, const T *sin, const size_t tokens, const int heads, const size_t row,
+                        const int d) {
+    constexpr int W = 16 / sizeof(T);
+    if ((d / 2) % W == 0 && row % W == 0 && aligned_to(x, 16) && aligned_to(cos, 16) && aligned_to(sin, 16)) {
+        rope_heads<T, W>(x, cos, sin, tokens, heads, row, d);
+    } else {
+        rope_heads<T, 1>(x, cos, sin, tokens, heads, row, d);
+    }
+}
+
 #define FUSED(T, NAME)                                                                                     \
     extern "C" __global__ void silu_mul_##NAME(const T *gate, const T *up, T *out, const size_t n) {      \
         silu_mul<T>(gate, up, out, n);                                                                     \
@@ -196,6 +236,10 @@ __device__ void rms_norm_to_vec(const float *x, const float *weight, T *out, con
     extern "C" __global__ void rms_norm_to_vec_##NAME(const float *x, const float *weight, T *out,         \
                                                       const int cols, const float eps) {                   \
         rms_norm_to_vec<T>(x, weight, out, cols, eps);                                                     \
+    }                                                                                                      \
+    extern "C" __global__ void rope_qk_##NAME(T *x, const T *cos, const T *sin, const size_t tokens,       \
+                                              const int heads, const size_t row, const int d) {            \
+        rope_qk<T>(x, cos, sin, tokens, heads, row, d);                                                    \
     }
 
 FUSED(__nv_bfloat16, bf16)

@@ -3,7 +3,9 @@
 //! kernels (`fused.cu`), scalar or (`vector`, experimental) on 16-byte accesses; on the CPU a plain loop
 //! of the same arithmetic, so that the model's use of them is tested anywhere.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
+};
 
 /// silu(gate) · up in f32, rounded once to their dtype. `gate`, `up` (n, i) -> (n, i).
 pub(super) fn silu_mul(gate: &Tensor, up: &Tensor, vector: bool) -> Result<Tensor> {
@@ -24,6 +26,20 @@ pub(super) fn rms_norm_to(
     vector: bool,
 ) -> Result<Tensor> {
     x.apply_op2_no_bwd(weight, &RmsNormTo { eps, dtype, vector })
+}
+
+/// RoPE in place on the first `heads` heads (of `head_dim` values) of each row of `x` (n, row), with
+/// each row's cos and sin (n, head_dim / 2): the query and key heads of one q/k/v projection, its value
+/// heads left alone. The arithmetic of candle's `rope_thd`, in x's dtype; `x` must be contiguous and
+/// not shared (it is the projection just computed).
+pub(super) fn rope_qk(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    x.inplace_op3(cos, sin, &RopeQk { heads, head_dim })
 }
 
 /// The largest difference between the fused ops (the `vector` kernels or the scalar ones) and candle's
@@ -64,6 +80,36 @@ fn self_check_shape(
     let mut worst = 0f32;
     for (fused, unfused) in pairs {
         let diff = relative_diff(&fused, &unfused)?;
+        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+    }
+    Ok(worst)
+}
+
+/// The largest difference between `rope_qk` and candle's `rope_thd` on random q/k/v rows of this
+/// model's heads on `device`, in `dtype`, relative to the largest magnitude (at least 1), the value
+/// heads included (they must come back unchanged); and on a small odd shape that takes the kernel's
+/// one-value-at-a-time fallback. NaN reads as infinity.
+pub fn rope_self_check(
+    device: &Device,
+    dtype: DType,
+    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+) -> Result<f32> {
+    let mut worst = 0f32;
+    for (tokens, nh, nkv, d) in [(64, num_heads, num_kv_heads, head_dim), (5, 3, 1, 6)] {
+        let x = Tensor::randn(0f32, 1.0, (tokens, nh + 2 * nkv, d), device)?.to_dtype(dtype)?;
+        let angles = Tensor::randn(0f32, 3.0, (tokens, d / 2), device)?;
+        let (cos, sin) = (
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        );
+        let rope = |from: usize, heads: usize| {
+            let part = x.narrow(1, from, heads)?.contiguous()?.unsqueeze(0)?; // (1, t, heads, d)
+            candle_nn::rotary_emb::rope_thd(&part, &cos, &sin)?.squeeze(0)
+        };
+        let want = Tensor::cat(&[rope(0, nh + nkv)?, x.narrow(1, nh + nkv, nkv)?], 1)?;
+        let got = x.flatten_from(1)?.copy()?; // (t, row), not shared with `x`
+        rope_qk(&got, &cos, &sin, nh + nkv, d)?;
+        let diff = relative_diff(&got.reshape(want.shape())?, &want)?;
         worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
     }
     Ok(worst)
@@ -270,6 +316,106 @@ impl CustomOp2 for RmsNormTo {
     }
 }
 
+struct RopeQk {
+    heads: usize,
+    head_dim: usize,
+}
+
+impl RopeQk {
+    /// (tokens, values per row) of `x`, after checking that the three shapes fit together.
+    fn shape(&self, x: &Layout, cos: &Layout, sin: &Layout) -> Result<(usize, usize)> {
+        let (tokens, row) = x.shape().dims2()?;
+        let half = (tokens, self.head_dim / 2);
+        if self.head_dim % 2 != 0
+            || self.heads * self.head_dim > row
+            || cos.shape().dims2()? != half
+            || sin.shape().dims2()? != half
+        {
+            candle_core::bail!(
+                "fused rope: rows {:?}, cos {:?}, sin {:?} for {} heads of {}",
+                x.shape(),
+                cos.shape(),
+                sin.shape(),
+                self.heads,
+                self.head_dim
+            )
+        }
+        Ok((tokens, row))
+    }
+
+    fn cpu<T: WithDType>(&self, x: &mut [T], cos: &[T], sin: &[T], row: usize) {
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        let tables = cos.chunks(half).zip(sin.chunks(half));
+        for (values, (c, s)) in x.chunks_mut(row).zip(tables) {
+            for head in values[..self.heads * d].chunks_mut(d) {
+                let (lo, hi) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (lo[j], hi[j]);
+                    lo[j] = a * c[j] - b * s[j];
+                    hi[j] = a * s[j] + b * c[j];
+                }
+            }
+        }
+    }
+}
+
+impl InplaceOp3 for RopeQk {
+    fn name(&self) -> &'static str {
+        "armorm-rope-qk"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (_, row) = self.shape(l1, l2, l3)?;
+        let (r1, r2, r3) = (
+            contiguous(l1, "rope")?,
+            contiguous(l2, "rope")?,
+            contiguous(l3, "rope")?,
+        );
+        match (s1, s2, s3) {
+            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
+                self.cpu(&mut x[r1.0..r1.1], &c[r2.0..r2.1], &s[r3.0..r3.1], row)
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s)) => {
+                self.cpu(&mut x[r1.0..r1.1], &c[r2.0..r2.1], &s[r3.0..r3.1], row)
+            }
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                self.cpu(&mut x[r1.0..r1.1], &c[r2.0..r2.1], &s[r3.0..r3.1], row)
+            }
+            _ => candle_core::bail!("fused rope: bf16, f16 or f32 rows and tables of one dtype"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let shape = self.shape(l1, l2, l3)?;
+        cuda::rope_qk(
+            s1,
+            l1,
+            (s2, l2),
+            (s3, l3),
+            shape,
+            (self.heads, self.head_dim),
+        )
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     //! Launches of `fused.cu`'s kernels (PTX built by build.rs).
@@ -443,6 +589,55 @@ mod cuda {
         };
         Ok(storage(out, dev, l1.shape()))
     }
+
+    /// `rope_qk` on the card: one grid-stride launch over (token, head, pair of values).
+    pub(super) fn rope_qk(
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+        (tokens, row): (usize, usize),
+        (heads, d): (usize, usize),
+    ) -> Result<()> {
+        fn run<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            x: &mut CudaSlice<T>,
+            (cos, sin): (&CudaSlice<T>, &CudaSlice<T>),
+            ranges: [(usize, usize); 3],
+            (tokens, row, heads, d): (usize, usize, usize, usize),
+        ) -> Result<()> {
+            let [r1, r2, r3] = ranges;
+            let mut x = x.slice_mut(r1.0..r1.1);
+            let (cos, sin) = (cos.slice(r2.0..r2.1), sin.slice(r3.0..r3.1));
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("rope_qk"), MODULE, PTX)?;
+            let (heads_arg, d_arg) = (heads as i32, d as i32);
+            let mut b = func.builder();
+            b.arg(&mut x);
+            b.arg(&cos);
+            b.arg(&sin);
+            b.arg(&tokens);
+            b.arg(&heads_arg);
+            b.arg(&row);
+            b.arg(&d_arg);
+            // SAFETY: the arguments match the kernel's signature; the shapes are checked by the
+            // caller, so every access stays inside the three ranges.
+            unsafe { b.launch(elementwise(tokens * heads * d / 2)) }.w()?;
+            Ok(())
+        }
+        let ranges = [
+            contiguous(l1, "rope")?,
+            contiguous(l2, "rope")?,
+            contiguous(l3, "rope")?,
+        ];
+        let dev = s1.device.clone();
+        let shape = (tokens, row, heads, d);
+        match (&mut s1.slice, &s2.slice, &s3.slice) {
+            (S::BF16(x), S::BF16(c), S::BF16(s)) => run(&dev, x, (c, s), ranges, shape),
+            (S::F16(x), S::F16(c), S::F16(s)) => run(&dev, x, (c, s), ranges, shape),
+            (S::F32(x), S::F32(c), S::F32(s)) => run(&dev, x, (c, s), ranges, shape),
+            _ => candle_core::bail!("fused rope: bf16, f16 or f32 rows and tables of one dtype"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -463,6 +658,30 @@ mod tests {
                 assert!(diff < 5e-2, "{dtype:?}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn rope_in_place_equals_candles_rope() {
+        // GQA heads as in Llama-3 (4 query heads per kv head), the odd shape, f32 and bf16.
+        for dtype in [DType::F32, DType::BF16] {
+            let diff = rope_self_check(&Device::Cpu, dtype, (8, 2, 16)).unwrap();
+            assert_eq!(
+                diff, 0.0,
+                "{dtype:?}: the same arithmetic in the same order"
+            );
+        }
+        // The value heads come back as they were; the others do not.
+        let x = seeded_randn(0.0, 1.0, (3, 4 * 8), 5); // 3 tokens, 2 rotated heads + 2 value heads
+        let angles = seeded_randn(0.0, 3.0, (3, 4), 6);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let got = x.copy().unwrap();
+        rope_qk(&got, &cos, &sin, 2, 8).unwrap();
+        let part = |t: &Tensor, from, len| t.narrow(1, from, len).unwrap();
+        assert_eq!(max_diff(&part(&got, 16, 16), &part(&x, 16, 16)), 0.0);
+        assert!(max_diff(&part(&got, 0, 16), &part(&x, 0, 16)) > 0.1);
+        // Shapes that do not fit are refused.
+        assert!(rope_qk(&got, &cos, &sin, 5, 8).is_err());
+        assert!(rope_qk(&got, &cos.narrow(1, 0, 3).unwrap(), &sin, 2, 8).is_err());
     }
 
     #[test]

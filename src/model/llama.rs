@@ -178,6 +178,8 @@ pub struct Llama {
     fused: bool,
     /// The fused ops' vector kernels (`with_vector_ops`).
     vector: bool,
+    /// q/k/v as one GEMM with RoPE in place under flat attention (`with_fused_qkv`).
+    qkv: bool,
     /// The residual stream's dtype: f32, or the compute dtype (`with_compute_dtype_residual`).
     residual: DType,
     timer: Timer,
@@ -203,6 +205,7 @@ impl Llama {
             attention: AttentionKind::auto(vb.device(), vb.dtype(), cfg.head_dim()),
             fused: false,
             vector: false,
+            qkv: false,
             residual: DType::F32,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -240,6 +243,32 @@ impl Llama {
     /// Whether the fused ops run and use their vector kernels.
     pub fn vector_ops(&self) -> bool {
         self.fused && self.vector
+    }
+
+    /// Under the fused ops and flat attention, computes each layer's q, k and v as one GEMM and
+    /// applies RoPE in place on its output (`fused::rope_qk`), handing the varlen kernel views of it
+    /// (CUDA; experimental, for the GPU check). Joins each layer's three weights into one matrix, of
+    /// which the projections keep views: no more memory.
+    pub fn with_fused_qkv(mut self, on: bool) -> Result<Self> {
+        if on && !self.qkv {
+            for layer in &mut self.layers {
+                layer.self_attn.fuse_qkv()?;
+            }
+        }
+        self.qkv |= on;
+        Ok(self)
+    }
+
+    /// Whether q/k/v run as one GEMM: asked for, with the fused ops, under flat attention.
+    pub fn fused_qkv(&self) -> bool {
+        self.qkv && self.fused && self.attention.is_varlen()
+    }
+
+    /// `fused::rope_self_check` with this model's heads, device and dtype.
+    pub fn rope_self_check(&self) -> Result<f32> {
+        let (nh, nkv) = self.layers.first().map_or((1, 1), |l| l.self_attn.heads());
+        let d = self.rope.head_dim();
+        fused::rope_self_check(&self.device, self.dtype, (nh, nkv, d))
     }
 
     /// Keeps the residual stream in the compute dtype (as transformers does) instead of f32: no casts
@@ -349,12 +378,12 @@ impl Llama {
             let (next, kv) = layer.forward(&xs, &lay, past_of(i))?;
             xs = next;
             if keep {
-                kept.push(kv);
+                kept.push(kv.compact()?);
             }
         }
         let (picked, kv) = last.forward_picked(&xs, &lay, past_of(rest.len()))?; // (p, h)
         if keep {
-            kept.push(kv);
+            kept.push(kv.compact()?);
         }
         Ok((tm.time(Section::Norm, || self.norm.forward(&picked))?, kept))
     }
@@ -365,6 +394,17 @@ impl Llama {
 pub struct Kv {
     pub(super) k: Tensor,
     pub(super) v: Tensor,
+}
+
+impl Kv {
+    /// Keys and values in buffers of their own: under one q/k/v GEMM they are views of it, which
+    /// would keep the queries' memory alive in a cache.
+    fn compact(self) -> Result<Self> {
+        Ok(Self {
+            k: self.k.contiguous()?,
+            v: self.v.contiguous()?,
+        })
+    }
 }
 
 /// Every layer's keys and values of rows already run, rows end to end as `cu_lens` says: what rows

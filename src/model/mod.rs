@@ -174,6 +174,16 @@ impl ArmoRM {
         self.model.vector_ops()
     }
 
+    /// q/k/v as one GEMM with RoPE in place (see `Llama::with_fused_qkv`).
+    pub fn with_fused_qkv(mut self, on: bool) -> Result<Self> {
+        self.model = self.model.with_fused_qkv(on)?;
+        Ok(self)
+    }
+
+    pub fn fused_qkv(&self) -> bool {
+        self.model.fused_qkv()
+    }
+
     /// Keeps the backbone's residual stream in the compute dtype instead of f32 (experimental, for
     /// measuring on the GPU; see `Llama::with_compute_dtype_residual`).
     pub fn with_compute_dtype_residual(mut self, on: bool) -> Self {
@@ -188,9 +198,14 @@ impl ArmoRM {
 
     /// The largest difference between the fused ops and the unfused ones on random rows of this
     /// model's width, on its device and in its dtype (see `fused::self_check`).
+    /// With one q/k/v GEMM, its in-place RoPE against candle's too (`fused::rope_self_check`).
     pub fn fused_self_check(&self, hidden: usize) -> Result<f32> {
         let (device, dtype) = (self.model.device(), self.model.dtype());
-        fused::self_check(device, dtype, hidden, self.model.vector_ops())
+        let ops = fused::self_check(device, dtype, hidden, self.model.vector_ops())?;
+        if !self.model.fused_qkv() {
+            return Ok(ops);
+        }
+        Ok(ops.max(self.model.rope_self_check()?))
     }
 
     /// The largest difference between flash attention and the reference on random rows with this
@@ -325,6 +340,52 @@ mod tests {
         // And through the flat layout with cached prefixes.
         let flat = fused.with_attention(AttentionKind::VarlenReference);
         assert_same_outputs(&flat.forward(&batch).unwrap(), &want, 1e-5);
+    }
+
+    #[test]
+    fn one_qkv_gemm_gives_the_unfused_results() {
+        let plain = random_model();
+        let flat = plain.clone().with_attention(AttentionKind::VarlenReference);
+        let joined = flat
+            .clone()
+            .with_fused_ops(true)
+            .with_fused_qkv(true)
+            .unwrap();
+        assert!(joined.fused_qkv());
+        // Only under flat attention and the fused ops: elsewhere the projections run apart.
+        assert!(!joined.clone().with_fused_ops(false).fused_qkv());
+        assert!(!joined
+            .clone()
+            .with_attention(AttentionKind::Blocked)
+            .fused_qkv());
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 300, 120), (3, 1, 0), (4, 40, 39)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = plain.forward(&batch).unwrap();
+        assert_same_outputs(&joined.forward(&batch).unwrap(), &want, 1e-5);
+
+        // Prefixes run through the one GEMM keep their keys and values, continuations read them.
+        let mut heads = FlatBatch::new();
+        heads.push(&ids(5, 12), 6);
+        heads.push(&ids(6, 30), 29);
+        let mut rows = Continuations::new();
+        for (p, seed, len) in [(1, 7, 5), (0, 8, 1), (1, 9, 20), (0, 10, 3)] {
+            rows.push(&ids(seed, len), p);
+        }
+        let want = flat
+            .forward_continued(&flat.forward_prefixes(&heads).unwrap(), &rows)
+            .unwrap();
+        let cached = joined.forward_prefixes(&heads).unwrap();
+        let got = joined.forward_continued(&cached, &rows).unwrap();
+        assert_same_outputs(&got, &want, 1e-5);
+        // The blocked path of the same model reads its weights through the views.
+        let blocked = joined.with_attention(AttentionKind::Blocked);
+        assert_same_outputs(
+            &blocked.forward(&batch).unwrap(),
+            &plain.forward(&batch).unwrap(),
+            1e-5,
+        );
     }
 
     #[test]

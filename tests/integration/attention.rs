@@ -188,3 +188,53 @@ fn the_fused_ops_switch_names_what_ran() {
     let (_, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "0")]);
     assert!(!log.contains("fused ops"), "{log}");
 }
+
+/// `ARMORM_FUSED_OPS=qkv` runs each layer's q/k/v as one GEMM with RoPE in place under flat attention
+/// (and only there): the summary line says so, and the scores equal transformers' and the separate
+/// projections', alone, with the vector kernels, and with prefix sharing. A misspelt kernel is refused.
+#[test]
+fn one_qkv_gemm_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = repeated_goldens(dir.path());
+    for model in [TINY, ALT] {
+        let goldens = goldens(model);
+        let (apart, _) = score(&input, model, FLAT, &[("ARMORM_FUSED_OPS", "1")]);
+        for (value, named) in [("qkv", "(qkv)"), ("vector,qkv", "(vector, qkv)")] {
+            for sharing in ["auto", "off"] {
+                let args = [FLAT, &["--prefix-sharing", sharing]].concat();
+                let (rows, log) = score(&input, model, &args, &[("ARMORM_FUSED_OPS", value)]);
+                let want = format!("varlen-reference attention, fused ops {named}, batches");
+                assert!(log.contains(&want), "{log}");
+                if sharing == "auto" {
+                    assert!(saved_tokens(&log).unwrap() > 0, "{log}");
+                }
+                assert_same(&rows, &apart);
+                for row in rows.iter().filter(|r| !r.id.ends_with("~other")) {
+                    assert_close(row, &golden_as_scored(&row.id, &goldens[&row.id]), 1e-4);
+                }
+            }
+        }
+    }
+    // Blocked attention runs the projections apart: the summary line does not claim the one GEMM.
+    let (_, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "qkv")]);
+    assert!(log.contains("attention, fused ops, batches"), "{log}");
+
+    let out = dir.path().join("refused.parquet");
+    let model = model_dir(TINY);
+    let args = [
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let run = armorm_with(&args, None, &[("ARMORM_FUSED_OPS", "vector,qvk")]);
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("ARMORM_FUSED_OPS") && stderr.contains("\"qvk\""),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
