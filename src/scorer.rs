@@ -397,6 +397,11 @@ impl Scorer {
         self.models.first().is_some_and(|m| m.vector_ops())
     }
 
+    /// Whether the output projections add into the f32 stream (`ARMORM_FUSED_OPS=accumulate`).
+    pub fn accumulate(&self) -> bool {
+        self.models.first().is_some_and(|m| m.accumulate())
+    }
+
     /// Whether q/k/v run as one GEMM with RoPE in place (`ARMORM_FUSED_OPS=qkv`).
     pub fn fused_qkv(&self) -> bool {
         self.models.first().is_some_and(|m| m.fused_qkv())
@@ -412,12 +417,18 @@ impl Scorer {
     /// How batches run, for the summary line: the attention and the token budget (after any lowering).
     pub fn setup(&self) -> String {
         let attention = self.models.first().map_or("no", |m| m.attention().name());
-        let fused = match (self.fused_ops(), self.vector_ops(), self.fused_qkv()) {
-            (true, true, true) => ", fused ops (vector, qkv)",
-            (true, true, false) => ", fused ops (vector)",
-            (true, false, true) => ", fused ops (qkv)",
-            (true, false, false) => ", fused ops",
-            _ => "",
+        let kernels: Vec<&str> = [
+            (self.vector_ops(), "vector"),
+            (self.fused_qkv(), "qkv"),
+            (self.accumulate(), "accumulate"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        let fused = match (self.fused_ops(), kernels.is_empty()) {
+            (false, _) => String::new(),
+            (true, true) => ", fused ops".to_string(),
+            (true, false) => format!(", fused ops ({})", kernels.join(", ")),
         };
         let residual = match self.residual_dtype() {
             DType::F32 => String::new(),

@@ -237,12 +237,13 @@ fn with_kernels(
         .with_vector_ops(fused.vector)
         .with_fused_qkv(fused.qkv)
         .context("joining the q/k/v weights for ARMORM_FUSED_OPS=qkv")?
+        .with_accumulate(fused.accumulate)
         .with_compute_dtype_residual(bf16_residual_requested());
     if attention == AttentionKind::Flash {
         check_flash(&model, device)?;
     }
     if model.fused_ops() {
-        check_fused(&model, device, config.hidden_size)?;
+        check_fused(&model, device, config)?;
     }
     Ok(model)
 }
@@ -264,9 +265,9 @@ fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
 }
 
 /// Refuses fused ops whose kernels do not compute what candle's unfused ops do on this device.
-fn check_fused(model: &ArmoRM, device: &candle_core::Device, hidden: usize) -> Result<()> {
+fn check_fused(model: &ArmoRM, device: &candle_core::Device, config: &ArmoRMConfig) -> Result<()> {
     let diff = model
-        .fused_self_check(hidden)
+        .fused_self_check(config)
         .with_context(|| format!("fused ops self-check on {}", device_name(device)))?;
     if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
@@ -298,9 +299,10 @@ fn profile_requested() -> bool {
 /// The fused elementwise ops (SiLU·mul, residual add, RMSNorm with their casts) instead of candle's
 /// pairs of passes: on by default on CUDA, where the H200 check measured them 1.13-1.18x faster with the
 /// same accuracy (perf-notes 15); off on the CPU, where they were not measured faster.
-/// `ARMORM_FUSED_OPS=0` turns them off; a comma-separated list of `vector` (their 16-byte-access kernels)
-/// and `qkv` (q/k/v as one GEMM with RoPE in place, under flat attention) turns them on with those
-/// experimental kernels, for the GPU check; any other single value turns them on.
+/// `ARMORM_FUSED_OPS=0` turns them off; a comma-separated list of `vector` (their 16-byte-access kernels),
+/// `qkv` (q/k/v as one GEMM with RoPE in place, under flat attention) and `accumulate` (o_proj and
+/// down_proj adding into the f32 residual stream in their GEMMs) turns them on with those experimental
+/// kernels, for the GPU check; any other single value turns them on.
 fn fused_ops_requested(device: &candle_core::Device) -> Result<FusedChoice> {
     fused_ops_choice(
         std::env::var_os("ARMORM_FUSED_OPS").as_deref(),
@@ -308,16 +310,20 @@ fn fused_ops_requested(device: &candle_core::Device) -> Result<FusedChoice> {
     )
 }
 
+/// The experimental kernels `ARMORM_FUSED_OPS` can name.
+const KERNELS: [&str; 3] = ["vector", "qkv", "accumulate"];
+
 /// What `ARMORM_FUSED_OPS` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct FusedChoice {
     on: bool,
     vector: bool,
     qkv: bool,
+    accumulate: bool,
 }
 
 /// `ARMORM_FUSED_OPS`'s value (unset or empty: the device's default) -> what runs. A list naming
-/// anything but `vector` and `qkv` is refused rather than half-read.
+/// anything but `vector`, `qkv` and `accumulate` is refused rather than half-read.
 fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> Result<FusedChoice> {
     let off = FusedChoice::default();
     let on = FusedChoice { on: true, ..off };
@@ -328,18 +334,20 @@ fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> Result<Fused
         Some(v) => v.into_owned(),
     };
     let names: Vec<&str> = value.split(',').map(str::trim).collect();
-    let known = |n: &str| n == "vector" || n == "qkv";
+    let known = |n: &str| KERNELS.contains(&n);
     if names.len() > 1 || names.iter().any(|&n| known(n)) {
         if let Some(bad) = names.iter().find(|&&n| !known(n)) {
             anyhow::bail!(
-                "ARMORM_FUSED_OPS={value}: no kernels named {bad:?} (a list of vector and qkv, or 0 \
-                 to turn the fused ops off)"
+                "ARMORM_FUSED_OPS={value}: no kernels named {bad:?} (a list of {}, or 0 to turn \
+                 the fused ops off)",
+                KERNELS.join(", ")
             );
         }
     }
     Ok(FusedChoice {
         vector: names.contains(&"vector"),
         qkv: names.contains(&"qkv"),
+        accumulate: names.contains(&"accumulate"),
         ..on
     })
 }
@@ -499,6 +507,7 @@ mod tests {
         let v = |s: &'static str| Some(std::ffi::OsStr::new(s));
         let choice = |value, cuda| {
             let c = fused_ops_choice(value, cuda).unwrap();
+            assert!(!c.accumulate || c.on);
             (c.on, c.vector, c.qkv)
         };
         assert_eq!(choice(None, true), (true, false, false));
@@ -519,5 +528,8 @@ mod tests {
             .to_string();
         assert!(err.contains("\"qvk\""), "{err}");
         assert!(fused_ops_choice(v("qkv,1"), true).is_err());
+        let all = fused_ops_choice(v("vector,qkv,accumulate"), false).unwrap();
+        assert!(all.on && all.vector && all.qkv && all.accumulate);
+        assert!(!fused_ops_choice(v("vector,qkv"), true).unwrap().accumulate);
     }
 }

@@ -44,27 +44,29 @@ impl Attention {
         })
     }
 
-    /// Queries at every token. `xs` (n, h) flat -> (n, h), and this layer's keys and values of the
-    /// new tokens (flat) for a cache.
+    /// Queries at every token. `xs` (n, h) flat -> (n, nh·d), the heads' outputs before `o_proj`
+    /// (the layer applies it, adding into the residual stream), and this layer's keys and values of
+    /// the new tokens (flat) for a cache.
     pub(super) fn forward(
         &self,
         xs: &Tensor,
         lay: &Layout,
         past: Option<&Kv>,
     ) -> Result<(Tensor, Kv)> {
-        let tm = &lay.timer;
-        let (out, kv) = match &lay.grid {
-            Grid::Padded(grid) => self.attend_padded(xs, lay, grid, past)?,
-            Grid::Varlen(grid) => self.attend_flat(xs, lay, grid, past)?,
-        }; // (n, nh·d)
-        Ok((
-            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
-            kv,
-        ))
+        match &lay.grid {
+            Grid::Padded(grid) => self.attend_padded(xs, lay, grid, past),
+            Grid::Varlen(grid) => self.attend_flat(xs, lay, grid, past),
+        }
+    }
+
+    /// The output projection, (nh·d) -> h.
+    pub(super) fn o_proj(&self) -> &Linear {
+        &self.o_proj
     }
 
     /// Queries only at `lay.picks`, the tokens a reward model reads; keys and values at every token.
-    /// `xs` (n, h) flat -> (p, h), p = b × picks per row, and the new keys and values.
+    /// `xs` (n, h) flat -> (p, nh·d), p = b × picks per row, before `o_proj`, and the new keys and
+    /// values.
     pub(super) fn forward_picked(
         &self,
         xs: &Tensor,
@@ -84,10 +86,7 @@ impl Attention {
                 (out, kv)
             }
         }; // (p, nh·d)
-        Ok((
-            tm.time(Section::OProj, move || self.o_proj.forward(&out))?,
-            kv,
-        ))
+        Ok((out, kv))
     }
 
     /// Puts the q, k and v weights into one matrix (the three projections keep views of it: no more

@@ -42,6 +42,50 @@ pub(super) fn rope_qk(
     x.inplace_op3(cos, sin, &RopeQk { heads, head_dim })
 }
 
+/// `residual` + `x`·Wᵀ, the f32 residual stream plus a block's output projection (`weight` (m, k),
+/// `x` (n, k) in the compute dtype, `residual` (n, m) f32). On CUDA one cuBLAS GEMM that accumulates
+/// into `residual` in place, in f32, so the projection's output is neither written in the compute dtype
+/// nor read back by an add; `residual` must not be read by anyone else afterwards (it is the stream the
+/// caller is replacing). Elsewhere the same arithmetic by candle's ops, into a new tensor.
+pub(super) fn accumulate(residual: &Tensor, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if residual.device().is_cuda() {
+        // Both no-ops on the layer's tensors; a strided view gets a buffer of its own.
+        let (residual, x) = (residual.contiguous()?, x.contiguous()?);
+        residual.inplace_op3(&x, weight, &GemmAdd)?;
+        return Ok(residual);
+    }
+    let product = x
+        .to_dtype(DType::F32)?
+        .matmul(&weight.to_dtype(DType::F32)?.t()?)?;
+    residual + product
+}
+
+/// The largest difference between `accumulate` and candle's unfused ops (`residual` + the product in
+/// f32) on random rows on `device`, in `dtype`, relative to the largest magnitude (at least 1): the
+/// shapes of the model's two output projections (o_proj (hidden, attention width), down_proj (hidden,
+/// intermediate)) and a small odd one. cuBLAS is called with armorm's own leading dimensions here, so
+/// a run checks them once before trusting them. NaN reads as infinity.
+pub fn accumulate_self_check(
+    device: &Device,
+    dtype: DType,
+    (hidden, width, intermediate): (usize, usize, usize),
+) -> Result<f32> {
+    let mut worst = 0f32;
+    for (n, m, k) in [(64, hidden, width), (64, hidden, intermediate), (5, 37, 99)] {
+        let residual = Tensor::randn(0f32, 1.0, (n, m), device)?;
+        let x = Tensor::randn(0f32, 1.0, (n, k), device)?.to_dtype(dtype)?;
+        let w = (Tensor::randn(0f32, 1.0, (m, k), device)? / (k as f64).sqrt())?.to_dtype(dtype)?;
+        let product = x
+            .to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+        let want = (&residual + product)?;
+        let got = accumulate(&residual.copy()?, &x, &w)?;
+        let diff = relative_diff(&got, &want)?;
+        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+    }
+    Ok(worst)
+}
+
 /// The largest difference between the fused ops (the `vector` kernels or the scalar ones) and candle's
 /// unfused ones on random rows on `device`, in `dtype`, relative to the largest magnitude of each op's
 /// output (at least 1): rows of `hidden` values, and a small odd shape that takes the kernels' scalar
@@ -313,6 +357,61 @@ impl CustomOp2 for RmsNormTo {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::rms_norm_to(s1, l1, s2, l2, self.eps, self.dtype, self.vector)
+    }
+}
+
+/// `accumulate`'s in-place GEMM (CUDA only: elsewhere `accumulate` runs candle's ops).
+struct GemmAdd;
+
+impl GemmAdd {
+    /// (n, m, k) of residual (n, m) += x (n, k) · weight (m, k)ᵀ, after checking the shapes.
+    fn shape(residual: &Layout, x: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
+        let (n, m) = residual.shape().dims2()?;
+        let (xn, k) = x.shape().dims2()?;
+        if (xn, (m, k)) != (n, weight.shape().dims2()?) {
+            candle_core::bail!(
+                "fused accumulate: residual {:?}, x {:?}, weight {:?}",
+                residual.shape(),
+                x.shape(),
+                weight.shape()
+            )
+        }
+        Ok((n, m, k))
+    }
+}
+
+impl InplaceOp3 for GemmAdd {
+    fn name(&self) -> &'static str {
+        "armorm-gemm-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        let _ = Self::shape;
+        candle_core::bail!(
+            "fused accumulate: the in-place GEMM is CUDA's; the CPU runs candle's ops"
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let shape = Self::shape(l1, l2, l3)?;
+        cuda::gemm_add(s1, l1, (s2, l2), (s3, l3), shape)
     }
 }
 
@@ -590,6 +689,95 @@ mod cuda {
         Ok(storage(out, dev, l1.shape()))
     }
 
+    /// residual (n, m) f32 += x (n, k) · weight (m, k)ᵀ by `cublasGemmEx` on candle's handle and
+    /// stream, f32 accumulation and output (beta = 1). Row-major tensors seen column-major: the call
+    /// computes residualᵀ (m × n) += weight (k × m, transposed) · xᵀ (k × n), as candle's matmul does.
+    pub(super) fn gemm_add(
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+        shape: (usize, usize, usize),
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t as Type;
+
+        let ranges = [
+            contiguous(l1, "accumulate")?,
+            contiguous(l2, "accumulate")?,
+            contiguous(l3, "accumulate")?,
+        ];
+        let dev = s1.device.clone();
+        let S::F32(residual) = &mut s1.slice else {
+            candle_core::bail!("fused accumulate: the residual stream must be f32")
+        };
+        let io = |kind| (&dev, ranges, shape, kind);
+        match (&s2.slice, &s3.slice) {
+            (S::BF16(x), S::BF16(w)) => gemm_add_typed(residual, x, w, io(Type::CUDA_R_16BF)),
+            (S::F16(x), S::F16(w)) => gemm_add_typed(residual, x, w, io(Type::CUDA_R_16F)),
+            (S::F32(x), S::F32(w)) => gemm_add_typed(residual, x, w, io(Type::CUDA_R_32F)),
+            _ => {
+                candle_core::bail!("fused accumulate: x and weight of one dtype, bf16, f16 or f32")
+            }
+        }
+    }
+
+    type GemmIo<'a> = (
+        &'a CudaDevice,
+        [(usize, usize); 3],
+        (usize, usize, usize),
+        candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t,
+    );
+
+    fn gemm_add_typed<T>(
+        residual: &mut CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        (dev, [r1, r2, r3], (n, m, k), kind): GemmIo,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+
+        let int = |v: usize| {
+            std::ffi::c_int::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("fused accumulate: {v} too large")))
+        };
+        let stream = dev.cuda_stream();
+        let (x, w) = (x.slice(r2.0..r2.1), w.slice(r3.0..r3.1));
+        let mut out = residual.slice_mut(r1.0..r1.1);
+        let (x, _x_guard) = x.device_ptr(&stream);
+        let (w, _w_guard) = w.device_ptr(&stream);
+        let (out, _out_guard) = out.device_ptr_mut(&stream);
+        let (one, blas) = (1f32, dev.cublas_handle());
+        // SAFETY: the three ranges hold (n, m), (n, k) and (m, k) values (checked by the caller), the
+        // leading dimensions are those of contiguous rows, and the handle runs on candle's stream, so
+        // the GEMM is ordered after the kernels that wrote its inputs.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                int(m)?,
+                int(n)?,
+                int(k)?,
+                (&one) as *const f32 as *const _,
+                w as *const _,
+                kind,
+                int(k)?,
+                x as *const _,
+                kind,
+                int(k)?,
+                (&one) as *const f32 as *const _,
+                out as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                int(m)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("fused accumulate: cuBLAS: {e:?}")))?;
+        Ok(())
+    }
+
     /// `rope_qk` on the card: one grid-stride launch over (token, head, pair of values).
     pub(super) fn rope_qk(
         s1: &mut CudaStorage,
@@ -658,6 +846,33 @@ mod tests {
                 assert!(diff < 5e-2, "{dtype:?}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn accumulate_adds_the_projection_unrounded() {
+        let residual = seeded_randn(0.0, 1.0, (6, 8), 7);
+        let x = seeded_randn(0.0, 1.0, (6, 20), 8)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let w = seeded_randn(0.0, 0.3, (8, 20), 9)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let got = accumulate(&residual, &x, &w).unwrap();
+        assert_eq!((got.dims2().unwrap(), got.dtype()), ((6, 8), DType::F32));
+        // The unfused path: the projection rounded to bf16, then added in f32.
+        let rounded = x.matmul(&w.t().unwrap()).unwrap();
+        let unfused = (&residual + rounded.to_dtype(DType::F32).unwrap()).unwrap();
+        let d = max_diff(&got, &unfused);
+        assert!(
+            d > 0.0 && d < 2e-2,
+            "within bf16 rounding, and not rounded: {d}"
+        );
+        // Shapes that do not fit are refused.
+        assert!(accumulate(&residual, &x, &w.narrow(0, 0, 7).unwrap()).is_err());
+        assert_eq!(
+            accumulate_self_check(&Device::Cpu, DType::BF16, (8, 8, 20)).unwrap(),
+            0.0
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub(super) struct Layout {
     pub(super) fused: bool,
     /// The fused ops' 16-byte-access kernels (CUDA; experimental).
     pub(super) vector: bool,
+    /// Output projections accumulating into the f32 residual stream (experimental).
+    pub(super) accumulate: bool,
     pub(super) grid: Grid,
     /// The model's timer (off unless a profile is on).
     pub(super) timer: Timer,
@@ -121,6 +123,7 @@ impl Layout {
             attention,
             fused: false,
             vector: false,
+            accumulate: false,
             grid,
             timer: Timer::default(),
         })

@@ -65,19 +65,20 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
+    /// silu(gate_proj(xs)) · up_proj(xs): (n, h) -> (n, i), before `down_proj` (the layer applies
+    /// it, adding into the residual stream).
+    fn activation(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let tm = &lay.timer;
         // `move` closures drop each input as soon as it is used, as the unprofiled expression did.
         let gate = tm.time(Section::MlpMatmul, || self.gate_proj.forward(xs))?;
         let up = tm.time(Section::MlpMatmul, || self.up_proj.forward(xs))?;
-        let act = tm.time(Section::SiluMul, move || {
+        tm.time(Section::SiluMul, move || {
             if lay.fused {
                 fused::silu_mul(&gate, &up, lay.vector)
             } else {
                 candle_nn::ops::silu(&gate)? * up
             }
-        })?;
-        tm.time(Section::MlpMatmul, move || self.down_proj.forward(&act))
+        })
     }
 }
 
@@ -110,28 +111,53 @@ impl DecoderLayer {
     /// (n, h) -> (n, h), and the layer's keys and values of the new tokens. The residual stream `xs`
     /// stays f32 (unless `with_compute_dtype_residual`); each block computes in `lay.dtype`. In bf16
     /// this keeps the sum of 2 × layers block outputs from rounding to 8 bits at every step.
+    ///
+    /// Under `accumulate` the stream `xs` is updated in place on CUDA: the caller replaces it with the
+    /// result and reads it no more.
     fn forward(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
-        let (attn, kv) = self.self_attn.forward(&normed, lay, past)?;
-        let xs = add_residual(xs, attn, lay)?;
+        let (attn, kv) = self.self_attn.forward(&normed, lay, past)?; // (n, nh·d)
+        let o_proj = self.self_attn.o_proj();
+        let xs = project_residual(xs, o_proj, attn, lay, Section::OProj)?;
         Ok((self.mlp_residual(&xs, lay)?, kv))
     }
 
     fn mlp_residual(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let normed = norm_to(&self.post_attention_layernorm, xs, lay)?;
-        let mlp = self.mlp.forward(&normed, lay)?;
-        add_residual(xs, mlp, lay)
+        let act = self.mlp.activation(&normed, lay)?; // (n, i)
+        project_residual(xs, &self.mlp.down_proj, act, lay, Section::MlpMatmul)
     }
 
     /// The last layer, computed only at the picked tokens: (n, h) -> (p, h).
     fn forward_picked(&self, xs: &Tensor, lay: &Layout, past: Option<&Kv>) -> Result<(Tensor, Kv)> {
         let tm = &lay.timer;
         let normed = norm_to(&self.input_layernorm, xs, lay)?;
-        let (attn, kv) = self.self_attn.forward_picked(&normed, lay, past)?;
+        let (attn, kv) = self.self_attn.forward_picked(&normed, lay, past)?; // (p, nh·d)
         let residual = tm.time(Section::Gather, || xs.index_select(&lay.pick_index, 0))?;
-        let xs = add_residual(&residual, attn, lay)?;
+        let o_proj = self.self_attn.o_proj();
+        let xs = project_residual(&residual, o_proj, attn, lay, Section::OProj)?;
         Ok((self.mlp_residual(&xs, lay)?, kv))
     }
+}
+
+/// `xs` + `proj`(`block`): a block's output projection added to the residual stream. Under the fused
+/// ops with `accumulate` and an f32 stream, one GEMM that adds into the stream (in place on CUDA: `xs`
+/// must not be read afterwards); otherwise the projection in the compute dtype, then the add.
+fn project_residual(
+    xs: &Tensor,
+    proj: &Linear,
+    block: Tensor,
+    lay: &Layout,
+    section: Section,
+) -> Result<Tensor> {
+    let tm = &lay.timer;
+    if lay.fused && lay.accumulate && xs.dtype() == DType::F32 {
+        return tm.time(section, move || {
+            fused::accumulate(xs, &block, proj.weight())
+        });
+    }
+    let out = tm.time(section, move || proj.forward(&block))?;
+    add_residual(xs, out, lay)
 }
 
 /// The residual stream normed, in the blocks' compute dtype.
@@ -180,6 +206,8 @@ pub struct Llama {
     vector: bool,
     /// q/k/v as one GEMM with RoPE in place under flat attention (`with_fused_qkv`).
     qkv: bool,
+    /// Output projections accumulating into the f32 residual stream (`with_accumulate`).
+    accumulate: bool,
     /// The residual stream's dtype: f32, or the compute dtype (`with_compute_dtype_residual`).
     residual: DType,
     timer: Timer,
@@ -206,6 +234,7 @@ impl Llama {
             fused: false,
             vector: false,
             qkv: false,
+            accumulate: false,
             residual: DType::F32,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -262,6 +291,25 @@ impl Llama {
     /// Whether q/k/v run as one GEMM: asked for, with the fused ops, under flat attention.
     pub fn fused_qkv(&self) -> bool {
         self.qkv && self.fused && self.attention.is_varlen()
+    }
+
+    /// Under the fused ops and an f32 residual stream, runs o_proj and down_proj as GEMMs that add
+    /// into the stream (`fused::accumulate`: in place and in f32 on CUDA, so a block's output is never
+    /// rounded to the compute dtype; experimental, for the GPU check).
+    pub fn with_accumulate(mut self, on: bool) -> Self {
+        self.accumulate = on;
+        self
+    }
+
+    /// Whether the output projections accumulate into the stream: asked for, with the fused ops and
+    /// an f32 stream.
+    pub fn accumulate(&self) -> bool {
+        self.accumulate && self.fused && self.residual == DType::F32
+    }
+
+    /// `fused::accumulate_self_check` with this model's widths, device and dtype.
+    pub fn accumulate_self_check(&self, cfg: (usize, usize, usize)) -> Result<f32> {
+        fused::accumulate_self_check(&self.device, self.dtype, cfg)
     }
 
     /// `fused::rope_self_check` with this model's heads, device and dtype.
@@ -363,6 +411,7 @@ impl Llama {
         lay.timer = tm.clone();
         lay.fused = self.fused;
         lay.vector = self.vector;
+        lay.accumulate = self.accumulate;
         let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
         let mut xs = tm.time(Section::Cast, move || xs.to_dtype(self.residual))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {

@@ -198,14 +198,34 @@ impl ArmoRM {
 
     /// The largest difference between the fused ops and the unfused ones on random rows of this
     /// model's width, on its device and in its dtype (see `fused::self_check`).
-    /// With one q/k/v GEMM, its in-place RoPE against candle's too (`fused::rope_self_check`).
-    pub fn fused_self_check(&self, hidden: usize) -> Result<f32> {
+    /// With one q/k/v GEMM, its in-place RoPE against candle's too (`fused::rope_self_check`); with
+    /// accumulating output projections, their GEMM on this model's widths
+    /// (`fused::accumulate_self_check`).
+    pub fn fused_self_check(&self, cfg: &ArmoRMConfig) -> Result<f32> {
         let (device, dtype) = (self.model.device(), self.model.dtype());
-        let ops = fused::self_check(device, dtype, hidden, self.model.vector_ops())?;
-        if !self.model.fused_qkv() {
-            return Ok(ops);
+        let mut worst = fused::self_check(device, dtype, cfg.hidden_size, self.model.vector_ops())?;
+        if self.model.fused_qkv() {
+            worst = worst.max(self.model.rope_self_check()?);
         }
-        Ok(ops.max(self.model.rope_self_check()?))
+        if self.model.accumulate() {
+            let widths = (
+                cfg.hidden_size,
+                cfg.num_attention_heads * cfg.head_dim(),
+                cfg.intermediate_size,
+            );
+            worst = worst.max(self.model.accumulate_self_check(widths)?);
+        }
+        Ok(worst)
+    }
+
+    /// Output projections accumulating into the f32 stream (see `Llama::with_accumulate`).
+    pub fn with_accumulate(mut self, on: bool) -> Self {
+        self.model = self.model.with_accumulate(on);
+        self
+    }
+
+    pub fn accumulate(&self) -> bool {
+        self.model.accumulate()
     }
 
     /// The largest difference between flash attention and the reference on random rows with this
@@ -386,6 +406,43 @@ mod tests {
             &plain.forward(&batch).unwrap(),
             1e-5,
         );
+    }
+
+    #[test]
+    fn accumulating_projections_give_the_unfused_results() {
+        let plain = random_model();
+        let summed = plain.clone().with_fused_ops(true).with_accumulate(true);
+        assert!(summed.accumulate());
+        assert!(
+            !plain.clone().with_accumulate(true).accumulate(),
+            "needs the fused ops"
+        );
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 300, 120), (3, 1, 0)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = plain.forward(&batch).unwrap();
+        assert_same_outputs(&summed.forward(&batch).unwrap(), &want, 1e-5);
+        // With the flat layout, one q/k/v GEMM, and cached prefixes.
+        let all = summed
+            .with_attention(AttentionKind::VarlenReference)
+            .with_fused_qkv(true)
+            .unwrap();
+        assert_same_outputs(&all.forward(&batch).unwrap(), &want, 1e-5);
+        let mut heads = FlatBatch::new();
+        heads.push(&ids(5, 12), 6);
+        let mut rows = Continuations::new();
+        for (seed, len) in [(7, 5), (8, 1)] {
+            rows.push(&ids(seed, len), 0);
+        }
+        let flat = plain.with_attention(AttentionKind::VarlenReference);
+        let want = flat
+            .forward_continued(&flat.forward_prefixes(&heads).unwrap(), &rows)
+            .unwrap();
+        let got = all
+            .forward_continued(&all.forward_prefixes(&heads).unwrap(), &rows)
+            .unwrap();
+        assert_same_outputs(&got, &want, 1e-5);
     }
 
     #[test]

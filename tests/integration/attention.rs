@@ -190,7 +190,8 @@ fn the_fused_ops_switch_names_what_ran() {
 }
 
 /// `ARMORM_FUSED_OPS=qkv` runs each layer's q/k/v as one GEMM with RoPE in place under flat attention
-/// (and only there): the summary line says so, and the scores equal transformers' and the separate
+/// (and only there), `accumulate` adds o_proj's and down_proj's outputs into the f32 stream in their
+/// GEMMs: the summary line says which ran, and the scores equal transformers' and the separate
 /// projections', alone, with the vector kernels, and with prefix sharing. A misspelt kernel is refused.
 #[test]
 fn one_qkv_gemm_matches_transformers() {
@@ -199,7 +200,11 @@ fn one_qkv_gemm_matches_transformers() {
     for model in [TINY, ALT] {
         let goldens = goldens(model);
         let (apart, _) = score(&input, model, FLAT, &[("ARMORM_FUSED_OPS", "1")]);
-        for (value, named) in [("qkv", "(qkv)"), ("vector,qkv", "(vector, qkv)")] {
+        for (value, named) in [
+            ("qkv", "(qkv)"),
+            ("vector,qkv", "(vector, qkv)"),
+            ("vector,qkv,accumulate", "(vector, qkv, accumulate)"),
+        ] {
             for sharing in ["auto", "off"] {
                 let args = [FLAT, &["--prefix-sharing", sharing]].concat();
                 let (rows, log) = score(&input, model, &args, &[("ARMORM_FUSED_OPS", value)]);
@@ -218,6 +223,16 @@ fn one_qkv_gemm_matches_transformers() {
     // Blocked attention runs the projections apart: the summary line does not claim the one GEMM.
     let (_, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "qkv")]);
     assert!(log.contains("attention, fused ops, batches"), "{log}");
+    // The accumulating output projections run under any attention.
+    let (rows, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "accumulate")]);
+    assert!(
+        log.contains("attention, fused ops (accumulate), batches"),
+        "{log}"
+    );
+    let goldens = goldens(TINY);
+    for row in rows.iter().filter(|r| !r.id.ends_with("~other")) {
+        assert_close(row, &golden_as_scored(&row.id, &goldens[&row.id]), 1e-4);
+    }
 
     let out = dir.path().join("refused.parquet");
     let model = model_dir(TINY);
