@@ -11,8 +11,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            (the default of these runs; --attention blocked or auto for a build without flash-attn);
   long     armorm bf16 on 32 rows of 3,000-6,200 tokens (the issue's second case);
   profile  one more armorm run of each case with ARMORM_PROFILE=1: where the time goes; then the same
-           with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv,accumulate: the
-           sections that perf-notes 15-16 predict it shortens);
+           with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv,gateup,accumulate:
+           the sections that perf-notes 15-16 predict they shorten);
   parity   armorm f32 against transformers f32 on a few short and a few long rows, and transformers f32
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
@@ -23,9 +23,11 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   qkv      armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv (the vector kernels, and each layer's
            q/k/v as one GEMM with RoPE in place on its output, handed to flash attention as views;
            perf-notes 16 predicts +2-3% over vector alone): its gain, score difference and Pearson figure;
-  accumulate armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv,accumulate (o_proj and down_proj
-           adding into the f32 residual stream in their cuBLAS GEMMs, no separate residual add; perf-notes 16
-           predicts +1-3% over vector,qkv);
+  gateup   armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv,gateup (gate/up as one GEMM, SiLU·mul
+           from its halves; perf-notes 16 predicts +0.5-1.5% over vector,qkv);
+  accumulate armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate (o_proj and
+           down_proj adding into the f32 residual stream in their cuBLAS GEMMs, no separate residual add;
+           perf-notes 16 predicts +1-3% over vector,qkv,gateup);
   pool     armorm bf16 on both cases with ARMORM_KEEP_FREED=0 (freed memory handed back to the driver at
            every synchronization, candle's default): what keeping it in the pool gains;
   fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=0 (armorm's fused SiLU·mul, residual add and
@@ -45,8 +47,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 
 Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
 of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
-whole sets, the default now; ~40 with --profile-fused's one variant), vector, qkv and accumulate ~20 each
-(predicted, like fused), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
+whole sets, the default now; ~40 with --profile-fused's one variant), vector, qkv, gateup and accumulate ~20
+each (predicted, like fused), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
 and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
@@ -93,7 +95,7 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "vector", "qkv", "accumulate", "pool", "fused", "gemm", "parity", "sweep",
+PHASES = ["compile", "short", "long", "profile", "vector", "qkv", "gateup", "accumulate", "pool", "fused", "gemm", "parity", "sweep",
           "residual", "blocked", "best-of-8"]
 T0 = time.perf_counter()
 
@@ -507,8 +509,11 @@ class Check:
     def qkv(self):
         self.variant("armorm_qkv", {"ARMORM_FUSED_OPS": "vector,qkv"})
 
+    def gateup(self):
+        self.variant("armorm_gateup", {"ARMORM_FUSED_OPS": "vector,qkv,gateup"})
+
     def accumulate(self):
-        self.variant("armorm_accumulate", {"ARMORM_FUSED_OPS": "vector,qkv,accumulate"})
+        self.variant("armorm_accumulate", {"ARMORM_FUSED_OPS": "vector,qkv,gateup,accumulate"})
 
     def pool(self):
         self.variant("armorm_pool", {"ARMORM_KEEP_FREED": "0"})
@@ -647,8 +652,10 @@ class Check:
             self.timed("armorm vector kernels", self.vector)
         if self.on("qkv"):
             self.timed("armorm vector kernels and one q/k/v GEMM", self.qkv)
+        if self.on("gateup"):
+            self.timed("armorm vector kernels, one q/k/v GEMM, one gate/up GEMM", self.gateup)
         if self.on("accumulate"):
-            self.timed("armorm vector kernels, one q/k/v GEMM, accumulating projections", self.accumulate)
+            self.timed("armorm vector kernels, joined GEMMs, accumulating projections", self.accumulate)
         if self.on("pool"):
             self.timed("armorm pool released", self.pool)
         if self.on("fused"):
@@ -727,8 +734,10 @@ class Check:
                     ("armorm_unfused", "armorm bf16 ARMORM_FUSED_OPS=0", "fused ops vs not", False),
                     ("armorm_vector", "armorm bf16 ARMORM_FUSED_OPS=vector", "vector vs scalar kernels", True),
                     ("armorm_qkv", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv", "vector+qkv vs default", True),
-                    ("armorm_accumulate", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv,accumulate",
-                     "vector+qkv+accumulate vs default", True),
+                    ("armorm_gateup", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv,gateup",
+                     "vector+qkv+gateup vs default", True),
+                    ("armorm_accumulate", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate",
+                     "all four vs default", True),
                     ("armorm_pool", "armorm bf16 ARMORM_KEEP_FREED=0", "pool kept vs released", False),
                     ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
@@ -752,7 +761,7 @@ class Check:
                 rows.append((f"transformers bf16 sdpa, sorted x{bs}", s))
             for label, s in rows:
                 vs = f"{best / s:9.2f}x" if best else ""
-                p(f"{case:10} {label:50} {s:8.2f} {tokens / s:8.0f} {self.mfu(case, s):6.1%} {vs:>10}")
+                p(f"{case:10} {label:58} {s:8.2f} {tokens / s:8.0f} {self.mfu(case, s):6.1%} {vs:>10}")
             if arm and ratio_goal:
                 mfu = self.mfu(case, arm["seconds"])
                 if best:
@@ -790,7 +799,7 @@ class Check:
         variants = []
         for key, name in (("armorm_fused", "fused ops"), ("armorm_unfused", "unfused ops"),
                           ("armorm_vector", "vector kernels"), ("armorm_qkv", "vector+qkv"),
-                          ("armorm_accumulate", "vector+qkv+accumulate"),
+                          ("armorm_gateup", "vector+qkv+gateup"), ("armorm_accumulate", "all four"),
                           ("armorm_residual", "bf16 residual")):
             scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
                       **res.get(key, {}).get("long", {}).get("scores", {})}
@@ -833,7 +842,7 @@ def main():
     # in whichever section meets them first (the head's f32 GEMMs took 6.9% of a one-pass profile).
     ap.add_argument("--profile-rows", type=int, default=1024, help="short rows of the ARMORM_PROFILE run")
     ap.add_argument("--profile-long-rows", type=int, default=32, help="long rows of the ARMORM_PROFILE run")
-    ap.add_argument("--profile-fused", nargs="*", default=["vector,qkv,accumulate"],
+    ap.add_argument("--profile-fused", nargs="*", default=["vector,qkv,gateup,accumulate"],
                     help="ARMORM_FUSED_OPS values profiled after the default (none: the default only)")
     ap.add_argument("--tf-batch-sizes", type=ints, default=[16, 32, 64, 128])
     ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8, 16])

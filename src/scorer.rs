@@ -397,6 +397,11 @@ impl Scorer {
         self.models.first().is_some_and(|m| m.vector_ops())
     }
 
+    /// Whether gate/up run as one GEMM (`ARMORM_FUSED_OPS=gateup`).
+    pub fn fused_gate_up(&self) -> bool {
+        self.models.first().is_some_and(|m| m.fused_gate_up())
+    }
+
     /// Whether the output projections add into the f32 stream (`ARMORM_FUSED_OPS=accumulate`).
     pub fn accumulate(&self) -> bool {
         self.models.first().is_some_and(|m| m.accumulate())
@@ -420,6 +425,7 @@ impl Scorer {
         let kernels: Vec<&str> = [
             (self.vector_ops(), "vector"),
             (self.fused_qkv(), "qkv"),
+            (self.fused_gate_up(), "gateup"),
             (self.accumulate(), "accumulate"),
         ]
         .into_iter()

@@ -192,6 +192,35 @@ template <typename T> static int rope(size_t tokens, int heads, int d, size_t of
     return 0;
 }
 
+// silu·mul from one gate/up buffer: the kernel's entry against its one-value loop (bit for bit) and
+// both against the two-input kernel on the halves (the same arithmetic).
+template <typename T> static int joined(size_t rows, int cols, size_t off) {
+    std::mt19937 rng(rows * 7 + cols + off);
+    std::normal_distribution<float> dist(0, 2);
+    const size_t len = rows * 2 * cols + off + 8, out_len = rows * cols + off + 8;
+    std::vector<T> gu(len), entry(out_len), scalar(out_len);
+    for (auto &v : gu) {
+        v = T(dist(rng));
+    }
+    const size_t n = rows * cols;
+    launch_elementwise(n, [&] { silu_mul_joined<T>(&gu[off], &entry[off], rows, cols); });
+    launch_elementwise(n, [&] { silu_mul_halves<T, 1>(&gu[off], &scalar[off], rows, cols); });
+    int bad = 0;
+    for (size_t r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) {
+            const size_t o = off + r * cols + c, g = off + r * 2 * cols + c;
+            const T want = silu_mul_one(gu[g], gu[g + cols]);
+            bad += std::memcmp(&entry[o], &scalar[o], sizeof(T)) != 0;
+            bad += std::memcmp(&entry[o], &want, sizeof(T)) != 0;
+        }
+    }
+    if (bad) {
+        std::printf("silu_mul_joined: %zu-byte values, %zu rows of %d, offset %zu: %d differences\n", sizeof(T),
+                    rows, cols, off, bad);
+    }
+    return bad != 0;
+}
+
 int main() {
     int bad = 0;
     for (size_t n : {1ul, 7ul, 8ul, 9ul, 4099ul, 64ul * 4096}) {
@@ -209,7 +238,12 @@ int main() {
             bad += rope<float>(3, 5, d, off) + rope<__nv_bfloat16>(3, 5, d, off) + rope<__half>(3, 5, d, off);
         }
     }
+    for (int cols : {64, 24, 5}) {
+        for (size_t off : {0ul, 1ul, 8ul}) {
+            bad += joined<float>(3, cols, off) + joined<__nv_bfloat16>(3, cols, off) + joined<__half>(3, cols, off);
+        }
+    }
     std::printf("fused kernels on the host: %s\n",
-                bad ? "DIFFERENCES (see above)" : "vector = scalar, norm and rope = reference");
+                bad ? "DIFFERENCES (see above)" : "vector = scalar, norm and rope = reference, joined = halves");
     return bad != 0;
 }

@@ -237,6 +237,8 @@ fn with_kernels(
         .with_vector_ops(fused.vector)
         .with_fused_qkv(fused.qkv)
         .context("joining the q/k/v weights for ARMORM_FUSED_OPS=qkv")?
+        .with_fused_gate_up(fused.gate_up)
+        .context("joining the gate/up weights for ARMORM_FUSED_OPS=gateup")?
         .with_accumulate(fused.accumulate)
         .with_compute_dtype_residual(bf16_residual_requested());
     if attention == AttentionKind::Flash {
@@ -300,7 +302,8 @@ fn profile_requested() -> bool {
 /// pairs of passes: on by default on CUDA, where the H200 check measured them 1.13-1.18x faster with the
 /// same accuracy (perf-notes 15); off on the CPU, where they were not measured faster.
 /// `ARMORM_FUSED_OPS=0` turns them off; a comma-separated list of `vector` (their 16-byte-access kernels),
-/// `qkv` (q/k/v as one GEMM with RoPE in place, under flat attention) and `accumulate` (o_proj and
+/// `qkv` (q/k/v as one GEMM with RoPE in place, under flat attention), `gateup` (gate/up as one GEMM,
+/// SiLU·mul from its halves) and `accumulate` (o_proj and
 /// down_proj adding into the f32 residual stream in their GEMMs) turns them on with those experimental
 /// kernels, for the GPU check; any other single value turns them on.
 fn fused_ops_requested(device: &candle_core::Device) -> Result<FusedChoice> {
@@ -311,7 +314,7 @@ fn fused_ops_requested(device: &candle_core::Device) -> Result<FusedChoice> {
 }
 
 /// The experimental kernels `ARMORM_FUSED_OPS` can name.
-const KERNELS: [&str; 3] = ["vector", "qkv", "accumulate"];
+const KERNELS: [&str; 4] = ["vector", "qkv", "gateup", "accumulate"];
 
 /// What `ARMORM_FUSED_OPS` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -319,11 +322,12 @@ struct FusedChoice {
     on: bool,
     vector: bool,
     qkv: bool,
+    gate_up: bool,
     accumulate: bool,
 }
 
 /// `ARMORM_FUSED_OPS`'s value (unset or empty: the device's default) -> what runs. A list naming
-/// anything but `vector`, `qkv` and `accumulate` is refused rather than half-read.
+/// anything but the names in `KERNELS` is refused rather than half-read.
 fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> Result<FusedChoice> {
     let off = FusedChoice::default();
     let on = FusedChoice { on: true, ..off };
@@ -347,6 +351,7 @@ fn fused_ops_choice(value: Option<&std::ffi::OsStr>, cuda: bool) -> Result<Fused
     Ok(FusedChoice {
         vector: names.contains(&"vector"),
         qkv: names.contains(&"qkv"),
+        gate_up: names.contains(&"gateup"),
         accumulate: names.contains(&"accumulate"),
         ..on
     })
@@ -528,8 +533,8 @@ mod tests {
             .to_string();
         assert!(err.contains("\"qvk\""), "{err}");
         assert!(fused_ops_choice(v("qkv,1"), true).is_err());
-        let all = fused_ops_choice(v("vector,qkv,accumulate"), false).unwrap();
-        assert!(all.on && all.vector && all.qkv && all.accumulate);
+        let all = fused_ops_choice(v("vector,qkv,gateup,accumulate"), false).unwrap();
+        assert!(all.on && all.vector && all.qkv && all.gate_up && all.accumulate);
         assert!(!fused_ops_choice(v("vector,qkv"), true).unwrap().accumulate);
     }
 }

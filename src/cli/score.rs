@@ -374,6 +374,7 @@ impl<'a> Job<'a> {
             "fused_ops": loaded.scorer.fused_ops(),
             "vector_ops": loaded.scorer.vector_ops(),
             "fused_qkv": loaded.scorer.fused_qkv(),
+            "gate_up": loaded.scorer.fused_gate_up(),
             "accumulate": loaded.scorer.accumulate(),
             "residual": loaded.scorer.residual_dtype().as_str(),
             "device": kinds,

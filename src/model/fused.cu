@@ -214,6 +214,36 @@ __device__ void rope_qk(T *x, const T *cos, const T *sin, const size_t tokens, c
     }
 }
 
+// silu(gate) · up from one gate/up projection (`ARMORM_FUSED_OPS=gateup`): rows of 2 · cols values, the
+// gate half first, into rows of cols. W values at a time: 16 bytes, or 1 (the fallback).
+template <typename T, int W>
+__device__ void silu_mul_halves(const T *gate_up, T *out, const size_t rows, const int cols) {
+    const int chunks = cols / W;
+    const size_t items = rows * chunks;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < items; i += (size_t)blockDim.x * gridDim.x) {
+        const size_t r = i / chunks;
+        const int c = (int)(i - r * chunks) * W;
+        const T *gate = gate_up + r * 2 * cols + c;
+        const Pack<T, W> g = Pack<T, W>::load(gate, 0), u = Pack<T, W>::load(gate + cols, 0);
+        Pack<T, W> o;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            o.v[k] = silu_mul_one(g.v[k], u.v[k]);
+        }
+        o.store(out + r * cols + c, 0);
+    }
+}
+
+template <typename T>
+__device__ void silu_mul_joined(const T *gate_up, T *out, const size_t rows, const int cols) {
+    constexpr int W = 16 / sizeof(T);
+    if (cols % W == 0 && aligned_to(gate_up, 16) && aligned_to(out, 16)) {
+        silu_mul_halves<T, W>(gate_up, out, rows, cols);
+    } else {
+        silu_mul_halves<T, 1>(gate_up, out, rows, cols);
+    }
+}
+
 #define FUSED(T, NAME)                                                                                     \
     extern "C" __global__ void silu_mul_##NAME(const T *gate, const T *up, T *out, const size_t n) {      \
         silu_mul<T>(gate, up, out, n);                                                                     \
@@ -236,6 +266,10 @@ __device__ void rope_qk(T *x, const T *cos, const T *sin, const size_t tokens, c
     extern "C" __global__ void rms_norm_to_vec_##NAME(const float *x, const float *weight, T *out,         \
                                                       const int cols, const float eps) {                   \
         rms_norm_to_vec<T>(x, weight, out, cols, eps);                                                     \
+    }                                                                                                      \
+    extern "C" __global__ void silu_mul_joined_##NAME(const T *gate_up, T *out, const size_t rows,         \
+                                                      const int cols) {                                    \
+        silu_mul_joined<T>(gate_up, out, rows, cols);                                                      \
     }                                                                                                      \
     extern "C" __global__ void rope_qk_##NAME(T *x, const T *cos, const T *sin, const size_t tokens,       \
                                               const int heads, const size_t row, const int d) {            \

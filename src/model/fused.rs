@@ -4,7 +4,8 @@
 //! of the same arithmetic, so that the model's use of them is tested anywhere.
 
 use candle_core::{
-    CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 
 /// silu(gate) · up in f32, rounded once to their dtype. `gate`, `up` (n, i) -> (n, i).
@@ -26,6 +27,13 @@ pub(super) fn rms_norm_to(
     vector: bool,
 ) -> Result<Tensor> {
     x.apply_op2_no_bwd(weight, &RmsNormTo { eps, dtype, vector })
+}
+
+/// silu(gate) · up from one gate/up projection: `gate_up` (n, 2·i), the gate half first -> (n, i). The
+/// arithmetic of `silu_mul`; the CUDA kernel reads both halves of each row on 16-byte accesses where
+/// aligned.
+pub(super) fn silu_mul_joined(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.apply_op1_no_bwd(&SiluMulJoined)
 }
 
 /// RoPE in place on the first `heads` heads (of `head_dim` values) of each row of `x` (n, row), with
@@ -154,6 +162,20 @@ pub fn rope_self_check(
         let got = x.flatten_from(1)?.copy()?; // (t, row), not shared with `x`
         rope_qk(&got, &cos, &sin, nh + nkv, d)?;
         let diff = relative_diff(&got.reshape(want.shape())?, &want)?;
+        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+    }
+    Ok(worst)
+}
+
+/// The largest difference between `silu_mul_joined` and candle's ops on the halves, on random rows
+/// of `intermediate` values (and a small odd width) on `device`, in `dtype`, relative (at least 1).
+pub fn joined_self_check(device: &Device, dtype: DType, intermediate: usize) -> Result<f32> {
+    let mut worst = 0f32;
+    for (rows, cols) in [(64, intermediate), (5, 21)] {
+        let gu = Tensor::randn(0f32, 2.0, (rows, 2 * cols), device)?.to_dtype(dtype)?;
+        let (gate, up) = (gu.narrow(1, 0, cols)?, gu.narrow(1, cols, cols)?);
+        let want = (candle_nn::ops::silu(&gate.contiguous()?)? * up)?;
+        let diff = relative_diff(&silu_mul_joined(&gu)?, &want)?;
         worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
     }
     Ok(worst)
@@ -357,6 +379,54 @@ impl CustomOp2 for RmsNormTo {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::rms_norm_to(s1, l1, s2, l2, self.eps, self.dtype, self.vector)
+    }
+}
+
+struct SiluMulJoined;
+
+impl SiluMulJoined {
+    /// (rows, half width) of a (rows, 2·i) gate/up buffer.
+    fn shape(l: &Layout) -> Result<(usize, usize)> {
+        let (rows, width) = l.shape().dims2()?;
+        if width % 2 != 0 {
+            candle_core::bail!("fused silu·mul: a gate/up row of odd width {width}")
+        }
+        Ok((rows, width / 2))
+    }
+
+    fn cpu<T: WithDType>(gate_up: &[T], cols: usize) -> Vec<T> {
+        gate_up
+            .chunks(2 * cols)
+            .flat_map(|row| SiluMul::cpu(&row[..cols], &row[cols..]))
+            .collect()
+    }
+}
+
+impl CustomOp1 for SiluMulJoined {
+    fn name(&self) -> &'static str {
+        "armorm-silu-mul-joined"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = Self::shape(l)?;
+        let (a, b) = contiguous(l, "silu·mul")?;
+        let out = match s {
+            CpuStorage::BF16(x) => CpuStorage::BF16(Self::cpu(&x[a..b], cols)),
+            CpuStorage::F16(x) => CpuStorage::F16(Self::cpu(&x[a..b], cols)),
+            CpuStorage::F32(x) => CpuStorage::F32(Self::cpu(&x[a..b], cols)),
+            _ => candle_core::bail!("fused silu·mul: bf16, f16 or f32 rows"),
+        };
+        Ok((out, Shape::from((rows, cols))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = Self::shape(l)?;
+        cuda::silu_mul_joined(s, contiguous(l, "silu·mul")?, (rows, cols))
     }
 }
 
@@ -778,6 +848,44 @@ mod cuda {
         Ok(())
     }
 
+    /// `silu_mul_joined` on the card: one grid-stride launch over the output.
+    pub(super) fn silu_mul_joined(
+        s: &CudaStorage,
+        range: (usize, usize),
+        (rows, cols): (usize, usize),
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            gate_up: &CudaSlice<T>,
+            range: (usize, usize),
+            (rows, cols): (usize, usize),
+        ) -> Result<CudaSlice<T>> {
+            let gate_up = gate_up.slice(range.0..range.1);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<T>(rows * cols)? };
+            let func =
+                dev.get_or_load_custom_func(&kernel_name::<T>("silu_mul_joined"), MODULE, PTX)?;
+            let cols_arg = cols as i32;
+            let mut b = func.builder();
+            b.arg(&gate_up);
+            b.arg(&out);
+            b.arg(&rows);
+            b.arg(&cols_arg);
+            // SAFETY: the arguments match the kernel's signature; the range holds rows · 2 · cols
+            // values (checked by the caller's shape).
+            unsafe { b.launch(elementwise(rows * cols)) }.w()?;
+            Ok(out)
+        }
+        let dev = &s.device;
+        let out = match &s.slice {
+            S::BF16(x) => S::BF16(run(dev, x, range, (rows, cols))?),
+            S::F16(x) => S::F16(run(dev, x, range, (rows, cols))?),
+            S::F32(x) => S::F32(run(dev, x, range, (rows, cols))?),
+            _ => candle_core::bail!("fused silu·mul: bf16, f16 or f32 rows"),
+        };
+        Ok(storage(out, dev, &Shape::from((rows, cols))))
+    }
+
     /// `rope_qk` on the card: one grid-stride launch over (token, head, pair of values).
     pub(super) fn rope_qk(
         s1: &mut CudaStorage,
@@ -846,6 +954,25 @@ mod tests {
                 assert!(diff < 5e-2, "{dtype:?}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn silu_mul_of_one_gate_up_buffer_equals_the_two_inputs() {
+        for dtype in [DType::F32, DType::BF16] {
+            let gu = seeded_randn(0.0, 2.0, (4, 2 * 12), 10)
+                .to_dtype(dtype)
+                .unwrap();
+            let (g, u) = (
+                gu.narrow(1, 0, 12).unwrap().contiguous().unwrap(),
+                gu.narrow(1, 12, 12).unwrap().contiguous().unwrap(),
+            );
+            let got = silu_mul_joined(&gu).unwrap();
+            assert_eq!(got.dims2().unwrap(), (4, 12));
+            assert_eq!(max_diff(&got, &silu_mul(&g, &u, false).unwrap()), 0.0);
+            assert!(joined_self_check(&Device::Cpu, dtype, 12).unwrap() < 1e-2);
+        }
+        let odd = seeded_randn(0.0, 1.0, (2, 7), 11);
+        assert!(silu_mul_joined(&odd).is_err());
     }
 
     #[test]

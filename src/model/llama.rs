@@ -53,6 +53,9 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up's weights as one (2·i, h) matrix, of which the two projections' weights are views
+    /// (`fuse_gate_up`): one GEMM for the two under `ARMORM_FUSED_OPS=gateup`.
+    gate_up: Option<Linear>,
 }
 
 impl Mlp {
@@ -62,13 +65,29 @@ impl Mlp {
             gate_proj: linear(vb.pp("gate_proj"), h, i)?,
             up_proj: linear(vb.pp("up_proj"), h, i)?,
             down_proj: linear(vb.pp("down_proj"), i, h)?,
+            gate_up: None,
         })
+    }
+
+    /// Puts the gate and up weights into one matrix (the two projections keep views of it: no more
+    /// memory), so that the fused ops run them as one GEMM.
+    fn fuse_gate_up(&mut self) -> Result<()> {
+        let i = self.gate_proj.weight().dim(0)?;
+        let weight = Tensor::cat(&[self.gate_proj.weight(), self.up_proj.weight()], 0)?; // (2·i, h)
+        self.gate_proj = Linear::new(weight.narrow(0, 0, i)?, None);
+        self.up_proj = Linear::new(weight.narrow(0, i, i)?, None);
+        self.gate_up = Some(Linear::new(weight, None));
+        Ok(())
     }
 
     /// silu(gate_proj(xs)) · up_proj(xs): (n, h) -> (n, i), before `down_proj` (the layer applies
     /// it, adding into the residual stream).
     fn activation(&self, xs: &Tensor, lay: &Layout) -> Result<Tensor> {
         let tm = &lay.timer;
+        if let (Some(gate_up), true) = (&self.gate_up, lay.fused) {
+            let both = tm.time(Section::MlpMatmul, || gate_up.forward(xs))?; // (n, 2·i)
+            return tm.time(Section::SiluMul, move || fused::silu_mul_joined(&both));
+        }
         // `move` closures drop each input as soon as it is used, as the unprofiled expression did.
         let gate = tm.time(Section::MlpMatmul, || self.gate_proj.forward(xs))?;
         let up = tm.time(Section::MlpMatmul, || self.up_proj.forward(xs))?;
@@ -206,6 +225,8 @@ pub struct Llama {
     vector: bool,
     /// q/k/v as one GEMM with RoPE in place under flat attention (`with_fused_qkv`).
     qkv: bool,
+    /// gate/up as one GEMM (`with_fused_gate_up`).
+    gate_up: bool,
     /// Output projections accumulating into the f32 residual stream (`with_accumulate`).
     accumulate: bool,
     /// The residual stream's dtype: f32, or the compute dtype (`with_compute_dtype_residual`).
@@ -234,6 +255,7 @@ impl Llama {
             fused: false,
             vector: false,
             qkv: false,
+            gate_up: false,
             accumulate: false,
             residual: DType::F32,
             dtype: vb.dtype(),
@@ -291,6 +313,29 @@ impl Llama {
     /// Whether q/k/v run as one GEMM: asked for, with the fused ops, under flat attention.
     pub fn fused_qkv(&self) -> bool {
         self.qkv && self.fused && self.attention.is_varlen()
+    }
+
+    /// Under the fused ops, computes each MLP's gate and up projections as one GEMM, and SiLU·mul from
+    /// its output's two halves (`fused::silu_mul_joined`; experimental, for the GPU check). Joins the
+    /// two weights into one matrix, of which the projections keep views: no more memory.
+    pub fn with_fused_gate_up(mut self, on: bool) -> Result<Self> {
+        if on && !self.gate_up {
+            for layer in &mut self.layers {
+                layer.mlp.fuse_gate_up()?;
+            }
+        }
+        self.gate_up |= on;
+        Ok(self)
+    }
+
+    /// Whether gate/up run as one GEMM: asked for, with the fused ops.
+    pub fn fused_gate_up(&self) -> bool {
+        self.gate_up && self.fused
+    }
+
+    /// `fused::joined_self_check` with this model's width, device and dtype.
+    pub fn joined_self_check(&self, intermediate: usize) -> Result<f32> {
+        fused::joined_self_check(&self.device, self.dtype, intermediate)
     }
 
     /// Under the fused ops and an f32 residual stream, runs o_proj and down_proj as GEMMs that add

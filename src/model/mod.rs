@@ -199,13 +199,17 @@ impl ArmoRM {
     /// The largest difference between the fused ops and the unfused ones on random rows of this
     /// model's width, on its device and in its dtype (see `fused::self_check`).
     /// With one q/k/v GEMM, its in-place RoPE against candle's too (`fused::rope_self_check`); with
-    /// accumulating output projections, their GEMM on this model's widths
+    /// one gate/up GEMM, SiLU·mul of its halves (`fused::joined_self_check`); with accumulating output
+    /// projections, their GEMM on this model's widths
     /// (`fused::accumulate_self_check`).
     pub fn fused_self_check(&self, cfg: &ArmoRMConfig) -> Result<f32> {
         let (device, dtype) = (self.model.device(), self.model.dtype());
         let mut worst = fused::self_check(device, dtype, cfg.hidden_size, self.model.vector_ops())?;
         if self.model.fused_qkv() {
             worst = worst.max(self.model.rope_self_check()?);
+        }
+        if self.model.fused_gate_up() {
+            worst = worst.max(self.model.joined_self_check(cfg.intermediate_size)?);
         }
         if self.model.accumulate() {
             let widths = (
@@ -216,6 +220,16 @@ impl ArmoRM {
             worst = worst.max(self.model.accumulate_self_check(widths)?);
         }
         Ok(worst)
+    }
+
+    /// gate/up as one GEMM (see `Llama::with_fused_gate_up`).
+    pub fn with_fused_gate_up(mut self, on: bool) -> Result<Self> {
+        self.model = self.model.with_fused_gate_up(on)?;
+        Ok(self)
+    }
+
+    pub fn fused_gate_up(&self) -> bool {
+        self.model.fused_gate_up()
     }
 
     /// Output projections accumulating into the f32 stream (see `Llama::with_accumulate`).
@@ -406,6 +420,27 @@ mod tests {
             &plain.forward(&batch).unwrap(),
             1e-5,
         );
+    }
+
+    #[test]
+    fn one_gate_up_gemm_gives_the_unfused_results() {
+        let plain = random_model();
+        let joined = plain
+            .clone()
+            .with_fused_ops(true)
+            .with_fused_gate_up(true)
+            .unwrap();
+        assert!(joined.fused_gate_up());
+        assert!(!joined.clone().with_fused_ops(false).fused_gate_up());
+        let mut batch = FlatBatch::new();
+        for (seed, len, gate) in [(1, 9, 4), (2, 300, 120), (3, 1, 0)] {
+            batch.push(&ids(seed, len), gate);
+        }
+        let want = plain.forward(&batch).unwrap();
+        assert_same_outputs(&joined.forward(&batch).unwrap(), &want, 1e-5);
+        // Without the fused ops the projections run apart through the views.
+        let apart = joined.with_fused_ops(false);
+        assert_same_outputs(&apart.forward(&batch).unwrap(), &want, 1e-5);
     }
 
     #[test]

@@ -190,8 +190,8 @@ fn the_fused_ops_switch_names_what_ran() {
 }
 
 /// `ARMORM_FUSED_OPS=qkv` runs each layer's q/k/v as one GEMM with RoPE in place under flat attention
-/// (and only there), `accumulate` adds o_proj's and down_proj's outputs into the f32 stream in their
-/// GEMMs: the summary line says which ran, and the scores equal transformers' and the separate
+/// (and only there), `gateup` runs gate/up as one GEMM, `accumulate` adds o_proj's and down_proj's
+/// outputs into the f32 stream in their GEMMs: the summary line says which ran, and the scores equal transformers' and the separate
 /// projections', alone, with the vector kernels, and with prefix sharing. A misspelt kernel is refused.
 #[test]
 fn one_qkv_gemm_matches_transformers() {
@@ -204,6 +204,7 @@ fn one_qkv_gemm_matches_transformers() {
             ("qkv", "(qkv)"),
             ("vector,qkv", "(vector, qkv)"),
             ("vector,qkv,accumulate", "(vector, qkv, accumulate)"),
+            ("qkv,gateup,accumulate", "(qkv, gateup, accumulate)"),
         ] {
             for sharing in ["auto", "off"] {
                 let args = [FLAT, &["--prefix-sharing", sharing]].concat();
@@ -223,10 +224,15 @@ fn one_qkv_gemm_matches_transformers() {
     // Blocked attention runs the projections apart: the summary line does not claim the one GEMM.
     let (_, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "qkv")]);
     assert!(log.contains("attention, fused ops, batches"), "{log}");
-    // The accumulating output projections run under any attention.
-    let (rows, log) = score(&input, TINY, &[], &[("ARMORM_FUSED_OPS", "accumulate")]);
+    // The joined gate/up and the accumulating output projections run under any attention.
+    let (rows, log) = score(
+        &input,
+        TINY,
+        &[],
+        &[("ARMORM_FUSED_OPS", "gateup,accumulate")],
+    );
     assert!(
-        log.contains("attention, fused ops (accumulate), batches"),
+        log.contains("attention, fused ops (gateup, accumulate), batches"),
         "{log}"
     );
     let goldens = goldens(TINY);
