@@ -34,7 +34,9 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            RMSNorm kernels are the default on CUDA since the first H200 check): their gain and the
            largest score difference;
   gemm     torch's F.linear on the projections' shapes at 65,536 tokens: the rate cuBLAS gives them on
-           this card, beside armorm's profile;
+           this card, beside armorm's profile; and torch's own FlashAttention-2 varlen forward on both
+           sets' rows in armorm's batches (one layer, the time for all layers beside armorm's
+           varlen_attn section: is flash on short rows slow in the kernel family or in armorm's build?);
   residual armorm bf16 on both cases with ARMORM_BF16_RESIDUAL=1 (the residual stream in bf16, as
            transformers keeps it, instead of f32; issue 10 step 3 "measure both"): its gain, the largest
            score difference and its own Pearson figure against transformers-f32;
@@ -48,7 +50,7 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
 of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
 whole sets, the default now; ~40 with --profile-fused's one variant), vector, qkv, gateup and accumulate ~20
-each (predicted, like fused), pool 18, fused 20, gemm 1, armorm f32 13, transformers bf16 73 (load, 3 short
+each (predicted, like fused), pool 18, fused 20, gemm 1 (~5 with torch's flash on both sets, predicted), armorm f32 13, transformers bf16 73 (load, 3 short
 and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
@@ -306,6 +308,44 @@ def linear_tflops(device, m, k, n):
     return 2 * m * k * n * 10 / (time.perf_counter() - t) / 1e12
 
 
+def flash_varlen_seconds(device, lens, heads, kv_heads, d, budget=65536):
+    """torch's own FlashAttention-2 varlen forward (aten._flash_attention_forward, the kernel behind
+    its jagged-tensor SDPA) over rows of these lengths, causal, GQA, bf16, in length-sorted batches of
+    at most `budget` tokens as armorm forms them: seconds for one layer over all rows (median of 3)."""
+    if device.type != "cuda":
+        return float("nan")
+    batches, cur = [], []
+    for n in sorted(lens):
+        if cur and sum(cur) + n > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(n)
+    batches.append(cur)
+    calls = []
+    for b in batches:
+        total = sum(b)
+        cu = torch.tensor([0, *np.cumsum(b)], device=device, dtype=torch.int32)
+        q = torch.randn(total, heads, d, device=device, dtype=torch.bfloat16)
+        k = torch.randn(total, kv_heads, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn(total, kv_heads, d, device=device, dtype=torch.bfloat16)
+        calls.append((q, k, v, cu, max(b)))
+
+    def one_layer():
+        for q, k, v, cu, m in calls:
+            torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, m, m, 0.0, True, False,
+                                                    scale=d ** -0.5)
+
+    one_layer()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        one_layer()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
 def matmul_tflops(device, dtype):
     if device.type != "cuda":
         return float("nan")
@@ -529,6 +569,19 @@ class Check:
             rates[name] = linear_tflops(self.device, 65536, k, n)
         self.res["gemm_tflops"] = rates
         log("torch F.linear at 65,536 tokens, TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+        # torch's FA2 varlen on the sets' own rows: what the kernel family gives these lengths, beside
+        # armorm's varlen_attn section (perf-notes 15 measured ~29 TFLOP/s on short rows, 263 on long).
+        heads, kv_heads = self.cfg["num_attention_heads"], self.cfg["num_key_value_heads"]
+        d = self.cfg["hidden_size"] // heads
+        flash = {}
+        for case, lens in self.lens.items():
+            secs = flash_varlen_seconds(self.device, lens, heads, kv_heads, d)
+            flop = sum(4 * (n * (n + 1) / 2) * d * heads for n in lens)
+            flash[case] = dict(seconds_per_layer=secs, tflops=flop / secs / 1e12 if secs == secs else secs,
+                               seconds_all_layers=secs * self.cfg["num_hidden_layers"])
+            log(f"torch flash varlen on the {case} rows: {secs * 1e3:.2f} ms a layer, "
+                f"{flash[case]['tflops']:.0f} TFLOP/s, {flash[case]['seconds_all_layers']:.3f} s for all layers")
+        self.res["torch_flash"] = flash
 
     def residual(self):
         self.variant("armorm_residual", {"ARMORM_BF16_RESIDUAL": "1"})
@@ -715,7 +768,10 @@ class Check:
         if res.get("gemm_tflops"):
             p("torch F.linear at 65,536 tokens (TFLOP/s): " +
               ", ".join(f"{k} {v:.0f}" for k, v in res["gemm_tflops"].items()))
-        p(f"{'case':10} {'pipeline':34} {'seconds':>8} {'tok/s':>8} {'MFU':>6} {'vs best tf':>10}")
+        for case, f in res.get("torch_flash", {}).items():
+            p(f"torch flash varlen, {case} rows: {f['tflops']:.0f} TFLOP/s, {f['seconds_all_layers']:.3f} s for all "
+              f"layers (armorm's profile: varlen_attn section)")
+        p(f"{'case':10} {'pipeline':58} {'seconds':>8} {'tok/s':>8} {'MFU':>6} {'vs best tf':>10}")
         goals = []
         for case, (ratio_goal, mfu_goal) in (("short", (1.5, 0.55)), ("long", (2.0, 0.45)),
                                             ("best-of-8", (None, None))):
