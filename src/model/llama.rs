@@ -377,10 +377,11 @@ impl Llama {
         self.residual
     }
 
-    /// `varlen::flash_self_check` with this model's heads, device and dtype.
+    /// `varlen::flash_self_check` with this model's heads, device and dtype; with one q/k/v GEMM, on
+    /// views of one buffer too.
     pub fn flash_self_check(&self) -> Result<f32> {
         let (nh, nkv) = self.layers.first().map_or((1, 1), |l| l.self_attn.heads());
-        super::varlen::flash_self_check(&self.device, self.dtype, nh, nkv)
+        super::varlen::flash_self_check(&self.device, self.dtype, (nh, nkv), self.qkv)
     }
 
     /// Times every section of each forward pass into the timer's profile.

@@ -195,26 +195,45 @@ impl Varlen {
 
 /// The largest difference between flash attention and the reference on random rows on `device`, in
 /// `dtype`, with this model's heads: rows of 1, 69 and 230 tokens, and rows with more keys than
-/// queries (as after a cached prefix). The kernels report no errors (a failed launch leaves the
-/// output uninitialized), so a run checks them once before trusting them. NaN reads as infinity.
+/// queries (as after a cached prefix); with `joined`, the first rows again with queries, keys and
+/// values as strided views of one q/k/v buffer (as `ARMORM_FUSED_OPS=qkv` hands them over). The
+/// kernels report no errors (a failed launch leaves the output uninitialized), so a run checks them
+/// once before trusting them. NaN reads as infinity.
 pub fn flash_self_check(
     device: &Device,
     dtype: DType,
-    num_heads: usize,
-    num_kv_heads: usize,
+    (num_heads, num_kv_heads): (usize, usize),
+    joined: bool,
 ) -> Result<f32> {
     let mut worst = 0f32;
-    for (cu_q, cu_k) in [
-        (&[0, 1, 70, 300][..], &[0, 1, 70, 300][..]),
-        (&[0, 3, 8][..], &[0, 50, 58][..]),
-    ] {
+    let rows = [0, 1, 70, 300];
+    let cases = [
+        (&rows[..], &rows[..], false),
+        (&[0, 3, 8][..], &[0, 50, 58][..], false),
+    ];
+    let views = [(&rows[..], &rows[..], true)];
+    let random = |tokens: usize, heads: usize| {
+        Tensor::randn(0f32, 1.0, (tokens, heads, 128), device)?.to_dtype(dtype)
+    };
+    for (cu_q, cu_k, view) in cases
+        .into_iter()
+        .chain(views.into_iter().filter(|_| joined))
+    {
         let grid = Varlen::from_cu(cu_q, cu_k, None, device)?;
-        let random = |tokens: usize, heads: usize| {
-            Tensor::randn(0f32, 1.0, (tokens, heads, 128), device)?.to_dtype(dtype)
+        let (q, k, v) = if view {
+            let all = random(cu_q[cu_q.len() - 1], num_heads + 2 * num_kv_heads)?;
+            (
+                all.narrow(1, 0, num_heads)?,
+                all.narrow(1, num_heads, num_kv_heads)?,
+                all.narrow(1, num_heads + num_kv_heads, num_kv_heads)?,
+            )
+        } else {
+            (
+                random(cu_q[cu_q.len() - 1], num_heads)?,
+                random(cu_k[cu_k.len() - 1], num_kv_heads)?,
+                random(cu_k[cu_k.len() - 1], num_kv_heads)?,
+            )
         };
-        let q = random(cu_q[cu_q.len() - 1], num_heads)?;
-        let k = random(cu_k[cu_k.len() - 1], num_kv_heads)?;
-        let v = random(cu_k[cu_k.len() - 1], num_kv_heads)?;
         let flash = grid.attend(AttentionKind::Flash, &q, &k, &v)?;
         let reference = grid.attend(AttentionKind::VarlenReference, &q, &k, &v)?;
         let diff = (flash.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?
