@@ -1,7 +1,9 @@
 //! Fused elementwise ops (on by default on CUDA): SiLU·mul, the residual add with its cast, and RMSNorm
 //! with its cast, each one pass over a layer's activations instead of two. On CUDA they run armorm's
 //! kernels (`fused.cu`), scalar or (`vector`, experimental) on 16-byte accesses; on the CPU a plain loop
-//! of the same arithmetic, so that the model's use of them is tested anywhere.
+//! of the same arithmetic, so that the model's use of them is tested anywhere. Also the experimental
+//! ops behind joined projections: RoPE in place on a q/k/v buffer, SiLU·mul from a gate/up buffer, and
+//! an output projection that adds into the residual stream in its GEMM (cuBLAS on CUDA).
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Tensor,
