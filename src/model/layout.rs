@@ -28,7 +28,8 @@ pub(super) struct Layout {
     pub(super) fused: bool,
     /// The fused ops' 16-byte-access kernels (CUDA; experimental).
     pub(super) vector: bool,
-    /// Output projections accumulating into the f32 residual stream (experimental).
+    /// Output projections accumulating into the f32 residual stream (experimental; implies the fused
+    /// ops and an f32 stream: `Llama::accumulate`).
     pub(super) accumulate: bool,
     pub(super) grid: Grid,
     /// The model's timer (off unless a profile is on).

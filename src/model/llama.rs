@@ -170,7 +170,7 @@ fn project_residual(
     section: Section,
 ) -> Result<Tensor> {
     let tm = &lay.timer;
-    if lay.fused && lay.accumulate && xs.dtype() == DType::F32 {
+    if lay.accumulate {
         return tm.time(section, move || {
             fused::accumulate(xs, &block, proj.weight())
         });
@@ -333,11 +333,6 @@ impl Llama {
         self.gate_up && self.fused
     }
 
-    /// `fused::joined_self_check` with this model's width, device and dtype.
-    pub fn joined_self_check(&self, intermediate: usize) -> Result<f32> {
-        fused::joined_self_check(&self.device, self.dtype, intermediate)
-    }
-
     /// Under the fused ops and an f32 residual stream, runs o_proj and down_proj as GEMMs that add
     /// into the stream (`fused::accumulate`: in place and in f32 on CUDA, so a block's output is never
     /// rounded to the compute dtype; experimental, for the GPU check).
@@ -352,16 +347,25 @@ impl Llama {
         self.accumulate && self.fused && self.residual == DType::F32
     }
 
-    /// `fused::accumulate_self_check` with this model's widths, device and dtype.
-    pub fn accumulate_self_check(&self, cfg: (usize, usize, usize)) -> Result<f32> {
-        fused::accumulate_self_check(&self.device, self.dtype, cfg)
-    }
-
-    /// `fused::rope_self_check` with this model's heads, device and dtype.
-    pub fn rope_self_check(&self) -> Result<f32> {
-        let (nh, nkv) = self.layers.first().map_or((1, 1), |l| l.self_attn.heads());
-        let d = self.rope.head_dim();
-        fused::rope_self_check(&self.device, self.dtype, (nh, nkv, d))
+    /// The largest difference between the fused ops that run and candle's unfused ones on random rows
+    /// of this model's shapes (`cfg`), on its device and in its dtype: `fused::self_check`, and with
+    /// the joined GEMMs and accumulating projections their own checks too.
+    pub fn fused_self_check(&self, cfg: &ArmoRMConfig) -> Result<f32> {
+        let (dev, dtype) = (&self.device, self.dtype);
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let mut worst = fused::self_check(dev, dtype, h, self.vector_ops())?;
+        if self.fused_qkv() {
+            let heads = (cfg.num_attention_heads, cfg.num_kv_heads(), d);
+            worst = worst.max(fused::rope_self_check(dev, dtype, heads)?);
+        }
+        if self.fused_gate_up() {
+            worst = worst.max(fused::joined_self_check(dev, dtype, i)?);
+        }
+        if self.accumulate() {
+            let widths = (h, cfg.num_attention_heads * d, i);
+            worst = worst.max(fused::accumulate_self_check(dev, dtype, widths)?);
+        }
+        Ok(worst)
     }
 
     /// Keeps the residual stream in the compute dtype (as transformers does) instead of f32: no casts
@@ -457,7 +461,7 @@ impl Llama {
         lay.timer = tm.clone();
         lay.fused = self.fused;
         lay.vector = self.vector;
-        lay.accumulate = self.accumulate;
+        lay.accumulate = self.accumulate();
         let xs = tm.time(Section::Embedding, || self.embed_tokens.forward(&ids))?;
         let mut xs = tm.time(Section::Cast, move || xs.to_dtype(self.residual))?; // (n, h)
         let Some((last, rest)) = self.layers.split_last() else {

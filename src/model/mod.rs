@@ -196,30 +196,10 @@ impl ArmoRM {
         self.model.residual_dtype()
     }
 
-    /// The largest difference between the fused ops and the unfused ones on random rows of this
-    /// model's width, on its device and in its dtype (see `fused::self_check`).
-    /// With one q/k/v GEMM, its in-place RoPE against candle's too (`fused::rope_self_check`); with
-    /// one gate/up GEMM, SiLU·mul of its halves (`fused::joined_self_check`); with accumulating output
-    /// projections, their GEMM on this model's widths
-    /// (`fused::accumulate_self_check`).
+    /// The largest difference between the fused ops that run and the unfused ones on random rows of
+    /// this model's shapes, on its device and in its dtype (see `Llama::fused_self_check`).
     pub fn fused_self_check(&self, cfg: &ArmoRMConfig) -> Result<f32> {
-        let (device, dtype) = (self.model.device(), self.model.dtype());
-        let mut worst = fused::self_check(device, dtype, cfg.hidden_size, self.model.vector_ops())?;
-        if self.model.fused_qkv() {
-            worst = worst.max(self.model.rope_self_check()?);
-        }
-        if self.model.fused_gate_up() {
-            worst = worst.max(self.model.joined_self_check(cfg.intermediate_size)?);
-        }
-        if self.model.accumulate() {
-            let widths = (
-                cfg.hidden_size,
-                cfg.num_attention_heads * cfg.head_dim(),
-                cfg.intermediate_size,
-            );
-            worst = worst.max(self.model.accumulate_self_check(widths)?);
-        }
-        Ok(worst)
+        self.model.fused_self_check(cfg)
     }
 
     /// gate/up as one GEMM (see `Llama::with_fused_gate_up`).

@@ -70,11 +70,6 @@ impl RopeTables {
         Ok(Self { inv_freq, cos, sin })
     }
 
-    /// The head dim the tables rotate (twice their width).
-    pub fn head_dim(&self) -> usize {
-        2 * self.inv_freq.len()
-    }
-
     /// Tables covering positions `0..len`: the cached ones, or new ones for rows past them (scored
     /// under --allow-beyond-max-positions).
     pub fn upto(&self, len: usize) -> Result<(Tensor, Tensor)> {
