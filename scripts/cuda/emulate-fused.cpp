@@ -55,7 +55,7 @@ template <typename F> static void launch_elementwise(size_t n, F kernel) {
     }
 }
 
-// One block per row, as fused.rs launches the norm.
+// One block per row, as src/model/fused/cuda.rs launches the norm.
 template <typename F> static void launch_rows(unsigned rows, int cols, F kernel) {
     gridDim.x = rows;
     blockDim.x = std::min(std::max((cols + 31) / 32, 1), 32) * 32;

@@ -1,4 +1,4 @@
-// Fused elementwise kernels for the CUDA path (src/model/fused.rs): each replaces two of candle's passes
+// Fused elementwise kernels for the CUDA path (src/model/fused/): each replaces two of candle's passes
 // over a layer's activations with one, or reads a joined projection's output in place. Compiled to PTX
 // by build.rs when the `cuda` feature is on; scripts/cuda/emulate-fused.cpp runs them on the host.
 #include <cuda_bf16.h>

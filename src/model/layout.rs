@@ -24,7 +24,7 @@ pub(super) struct Layout {
     pub(super) pick_cos: Tensor, // (p, d/2)
     pub(super) pick_sin: Tensor,
     pub(super) attention: AttentionKind,
-    /// Fused elementwise ops (`fused.rs`) instead of candle's pairs of passes.
+    /// Fused elementwise ops (`fused`) instead of candle's pairs of passes.
     pub(super) fused: bool,
     /// The fused ops' 16-byte-access kernels (CUDA; experimental).
     pub(super) vector: bool,

@@ -274,7 +274,7 @@ impl Llama {
         self.attention
     }
 
-    /// Runs the fused elementwise ops of `fused.rs` (or not).
+    /// Runs the fused elementwise ops of `fused` (or not).
     pub fn with_fused_ops(mut self, fused: bool) -> Self {
         self.fused = fused;
         self

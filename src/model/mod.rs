@@ -150,7 +150,7 @@ impl ArmoRM {
         self.model.attention()
     }
 
-    /// Runs the fused elementwise ops (`fused.rs`; experimental, for the GPU) or not.
+    /// Runs the fused elementwise ops (`fused`; experimental, for the GPU) or not.
     pub fn with_fused_ops(mut self, fused: bool) -> Self {
         self.model = self.model.with_fused_ops(fused);
         self
