@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds target/release/armorm-cuda with candle's CUDA backend and flash attention on a machine without a
 # GPU: the toolkit (nvcc, headers, libraries) comes from PyPI's NVIDIA wheels, CUTLASS (for flash
-# attention's kernels) from ../shared/cutlass. CUDA_COMPUTE_CAP defaults to 90 (H100/H200);
+# attention's kernels) from ../shared/cutlass. CUDA_COMPUTE_CAP defaults to 90 (H100/H200; FlashAttention-3
+# is then built as well, `--attention flash3`);
 # FEATURES=cuda builds without flash attention.
 # The binary needs libcuda.so.1 (the driver), libcublas.so.13, libcurand.so.10 and libcudart.so.13 where it
 # runs: PyTorch's CUDA 13 wheels carry the last three (scripts/gpu-check.sh puts them on LD_LIBRARY_PATH).
@@ -33,7 +34,10 @@ gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$C/lib/
 g++ -O1 -std=c++20 -pthread -I"$C/include" scripts/cuda/emulate-fused.cpp -o target/emulate-fused
 target/emulate-fused
 
-features=${FEATURES:-cuda,flash-attn}
+# FlashAttention-3 (`--attention flash3`) has Hopper kernels only (sm_90a): built for compute cap 90.
+cap=${CUDA_COMPUTE_CAP:-90}
+if [ "$cap" = 90 ]; then default_features=cuda,flash-attn,flash-attn-v3; else default_features=cuda,flash-attn; fi
+features=${FEATURES:-$default_features}
 # candle-flash-attn's build helper clones CUTLASS from GitHub unless a checkout of the pinned commit is
 # cached where it looks: put one there from ../shared (no network).
 case "$features" in
@@ -41,7 +45,7 @@ case "$features" in
 esac
 
 # LIBRARY_PATH (not RUSTFLAGS) points the linker at them, so the default build's artifacts stay valid.
-PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" \
+PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_COMPUTE_CAP="$cap" \
   LIBRARY_PATH="$C/lib:$C/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}" \
   cargo build --release --features "$features"
 cp target/release/armorm target/release/armorm-cuda

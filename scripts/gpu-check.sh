@@ -6,15 +6,16 @@
 #   bash scripts/gpu-check.sh target/gpu/armorm.xz
 # It generates random bf16 weights of ArmoRM-Llama3-8B's shape, then (scripts/gpu_check.py): the first-run
 # kernel compile, armorm bf16 (flash attention, fused ops) on 1,024 short rows and on 32 long rows, one
-# ARMORM_PROFILE=1 run of each (and of the experimental fused kernels together), the same sets with the
-# experimental kernels added one at a time (vector, qkv, gateup, accumulate), with ARMORM_KEEP_FREED=0 and
-# with ARMORM_FUSED_OPS=0, torch's GEMM rate on the projections' shapes and its FA2 varlen kernel on the
-# same rows, transformers bf16 at several sorted batch sizes on both, f32 parity on
-# short and long rows, the bf16 Pearson figures, the same with ARMORM_BF16_RESIDUAL=1, and armorm with the
+# ARMORM_PROFILE=1 run of each (and of the experimental fused kernels together, with FlashAttention-2 and
+# with FlashAttention-3), the same sets with --attention flash3 (alone, and with every experimental
+# kernel), with the experimental kernels added one at a time (vector, qkv, gateup, accumulate), with
+# ARMORM_KEEP_FREED=0 and with ARMORM_FUSED_OPS=0, torch's GEMM rate on the projections' shapes and its
+# FA2 varlen kernel on the same rows, transformers bf16 at several sorted batch sizes on both, f32 parity
+# on short and long rows, the bf16 Pearson figures, the same with ARMORM_BF16_RESIDUAL=1, and armorm with the
 # old blocked attention; a one-screen summary ends the log. Extra arguments go to gpu_check.py (e.g.
 # `--skip profile,parity`, `--best-of-8`, `--time-limit 300`); `--help` lists them.
 # Budget: about 6 minutes on an H200 with every phase (measured 2026-11-28: 347 s and 306 s for the two
-# runs in scripts/perf-notes.md 15; the phases added since, ~2 minutes more, predicted; perf-notes 16
+# runs in scripts/perf-notes.md 15; the phases added since, ~3 minutes more, predicted; perf-notes 17
 # gives the --skip list for the next run); phases not started by --time-limit (400 s) are skipped; the log and
 # gpu-check.json go to $OUT. The working tree that travels must stay under 64 MiB: move the fixture
 # models' weights (fixtures/tiny-armorm*/ *.safetensors, tokenizer.json) aside for the call.

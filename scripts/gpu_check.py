@@ -11,8 +11,13 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            (the default of these runs; --attention blocked or auto for a build without flash-attn);
   long     armorm bf16 on 32 rows of 3,000-6,200 tokens (the issue's second case);
   profile  one more armorm run of each case with ARMORM_PROFILE=1: where the time goes; then the same
-           with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv,gateup,accumulate:
-           the sections that perf-notes 15-16 predict they shorten);
+           with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv,gateup,accumulate, and
+           the same under --attention flash3: the sections that perf-notes 15-17 predict they shorten);
+  flash3   armorm bf16 on both cases with --attention flash3 (FlashAttention-3, Hopper's wgmma and TMA,
+           in place of FlashAttention-2; perf-notes 17 predicts +3-5% short, +7-10% long): its gain,
+           score difference and Pearson figure;
+  flash3-all armorm bf16 on both cases with --attention flash3 and
+           ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate: everything built, together;
   parity   armorm f32 against transformers f32 on a few short and a few long rows, and transformers f32
            on the accuracy rows (for the Pearson figures);
   sweep    transformers bf16 (sdpa, sorted padded batches) at several batch sizes on both cases: armorm is
@@ -49,8 +54,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 
 Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
 of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
-whole sets, the default now; ~40 with --profile-fused's one variant), vector, qkv, gateup and accumulate ~20
-each (predicted, like fused), pool 18, fused 20, gemm 1 (~5 with torch's flash on both sets, predicted), armorm f32 13, transformers bf16 73 (load, 3 short
+whole sets, the default now; ~60 with --profile-fused's two variants), flash3, flash3-all, vector, qkv,
+gateup and accumulate ~20 each (predicted, like fused), pool 18, fused 20, gemm 1 (~5 with torch's flash on both sets, predicted), armorm f32 13, transformers bf16 73 (load, 3 short
 and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
@@ -97,8 +102,9 @@ SHAPES = {
 }
 # Dense bf16 of an H100/H200 SXM by the datasheet: the MFU the issue's goals are stated in.
 BF16_DENSE_TFLOPS = 989.0
-PHASES = ["compile", "short", "long", "profile", "vector", "qkv", "gateup", "accumulate", "pool", "fused", "gemm", "parity", "sweep",
-          "residual", "blocked", "best-of-8"]
+PHASES = ["compile", "short", "long", "profile", "flash3", "flash3-all", "vector", "qkv", "gateup", "accumulate", "pool",
+          "fused", "gemm", "parity", "sweep", "residual", "blocked", "best-of-8"]
+ALL_FUSED = "vector,qkv,gateup,accumulate"
 T0 = time.perf_counter()
 
 
@@ -454,6 +460,9 @@ class Check:
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.phases = [p for p in PHASES if p not in args.skip and (p != "best-of-8" or args.best_of_8)]
+        # A dry run on a CPU (--attention varlen-reference) runs the flash3 phases on the flat reference
+        # instead, so that their plumbing and summary rows are exercised without a GPU.
+        self.flash3_args = ("--attention", "varlen-reference" if args.attention == "varlen-reference" else "flash3")
         self.phase_seconds = {}
         self.res = {"shape": args.shape, "phases_skipped": []}
         self.ref = None
@@ -555,6 +564,14 @@ class Check:
     def accumulate(self):
         self.variant("armorm_accumulate", {"ARMORM_FUSED_OPS": "vector,qkv,gateup,accumulate"})
 
+    def flash3(self):
+        """FlashAttention-3 (Hopper) in place of FlashAttention-2, the rest as the default runs it."""
+        self.variant("armorm_flash3", extra=self.flash3_args)
+
+    def flash3_all(self):
+        """FlashAttention-3 with all four fused-op changes: the combination perf-notes 17 predicts."""
+        self.variant("armorm_flash3_all", {"ARMORM_FUSED_OPS": ALL_FUSED}, self.flash3_args)
+
     def pool(self):
         self.variant("armorm_pool", {"ARMORM_KEEP_FREED": "0"})
 
@@ -599,17 +616,22 @@ class Check:
         self.res[label or "armorm"][case]["scores"] = r["scores"]
 
     def profile(self):
-        """The default, then each ARMORM_FUSED_OPS value of --profile-fused: section by section, so that
-        a variant's gain can be set against the sections its prediction names."""
+        """The default, then each ARMORM_FUSED_OPS value of --profile-fused (`flash3:` before one runs it
+        under --attention flash3): section by section, so that a variant's gain can be set against the
+        sections its prediction names."""
         a = self.args
-        for fused in [None, *a.profile_fused]:
-            key = "profile" if fused is None else f"profile {fused}"
+        for spec in [None, *a.profile_fused]:
+            key = "profile" if spec is None else f"profile {spec}"
+            flash3, fused = (spec or "").startswith("flash3:"), spec
+            if flash3:
+                fused = spec.split(":", 1)[1]
+            extra = self.flash3_args if flash3 else ()
             env = {"ARMORM_PROFILE": "1", **({"ARMORM_FUSED_OPS": fused} if fused else {})}
             for case, n in (("short", a.profile_rows), ("long", a.profile_long_rows)):
                 if n == 0:
                     continue
                 data = write_rows(self.work / f"profile-{case}.jsonl", self.rows[case][:n])
-                r = self.armorm.run(data, "bf16", env=env)
+                r = self.armorm.run(data, "bf16", env=env, extra=extra)
                 if not r["profile"]:
                     raise RuntimeError(f"ARMORM_PROFILE=1 printed no profile for {case}")
                 tokens = sum(self.lens[case][:n])
@@ -701,6 +723,10 @@ class Check:
                 self.timed(f"armorm {case}", lambda: self.armorm_case(case))
         if self.on("profile"):
             self.timed("profile", self.profile)
+        if self.on("flash3"):
+            self.timed("armorm flash3", self.flash3)
+        if self.on("flash3-all"):
+            self.timed("armorm flash3 and all four fused-op changes", self.flash3_all)
         if self.on("vector"):
             self.timed("armorm vector kernels", self.vector)
         if self.on("qkv"):
@@ -794,6 +820,9 @@ class Check:
                      "vector+qkv+gateup vs default", True),
                     ("armorm_accumulate", "armorm bf16 ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate",
                      "all four vs default", True),
+                    ("armorm_flash3", "armorm bf16 --attention flash3", "flash3 vs default", True),
+                    ("armorm_flash3_all", "armorm bf16 --attention flash3, all four fused",
+                     "flash3+all four vs default", True),
                     ("armorm_pool", "armorm bf16 ARMORM_KEEP_FREED=0", "pool kept vs released", False),
                     ("armorm_residual", "armorm bf16 ARMORM_BF16_RESIDUAL=1", "bf16 vs f32 residual", True),
                     ("armorm_blocked", "armorm bf16 --attention blocked",
@@ -856,6 +885,7 @@ class Check:
         for key, name in (("armorm_fused", "fused ops"), ("armorm_unfused", "unfused ops"),
                           ("armorm_vector", "vector kernels"), ("armorm_qkv", "vector+qkv"),
                           ("armorm_gateup", "vector+qkv+gateup"), ("armorm_accumulate", "all four"),
+                          ("armorm_flash3", "flash3"), ("armorm_flash3_all", "flash3+all four"),
                           ("armorm_residual", "bf16 residual")):
             scores = {**res.get(key, {}).get("short", {}).get("scores", {}),
                       **res.get(key, {}).get("long", {}).get("scores", {})}
@@ -898,15 +928,17 @@ def main():
     # in whichever section meets them first (the head's f32 GEMMs took 6.9% of a one-pass profile).
     ap.add_argument("--profile-rows", type=int, default=1024, help="short rows of the ARMORM_PROFILE run")
     ap.add_argument("--profile-long-rows", type=int, default=32, help="long rows of the ARMORM_PROFILE run")
-    ap.add_argument("--profile-fused", nargs="*", default=["vector,qkv,gateup,accumulate"],
-                    help="ARMORM_FUSED_OPS values profiled after the default (none: the default only)")
+    ap.add_argument("--profile-fused", nargs="*", default=[ALL_FUSED, f"flash3:{ALL_FUSED}"],
+                    help="ARMORM_FUSED_OPS values profiled after the default, `flash3:` before one to run "
+                         "it under --attention flash3 (none: the default only)")
     ap.add_argument("--tf-batch-sizes", type=ints, default=[16, 32, 64, 128])
     ap.add_argument("--tf-long-batch-sizes", type=ints, default=[2, 4, 8, 16])
     ap.add_argument("--f32-batch-size", type=int, default=32, help="transformers f32 on the accuracy rows")
     ap.add_argument("--max-batch-tokens", default="auto", help="armorm's token budget (a number or auto)")
     ap.add_argument("--attention", default="flash", choices=["flash", "blocked", "auto", "varlen-reference"],
                     help="armorm's --attention in the bf16 runs (flash needs a flash-attn build; "
-                         "varlen-reference runs the flat layout anywhere, for a dry run on a CPU)")
+                         "varlen-reference runs the flat layout anywhere, for a dry run on a CPU, and "
+                         "stands in for flash3 in the flash3 phases)")
     ap.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help=f"comma-separated phases to skip, of {','.join(PHASES)}")
     ap.add_argument("--best-of-8", action="store_true", help="also the best-of-8 case (for issue 12)")

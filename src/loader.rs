@@ -9,7 +9,7 @@ use hf_hub::{Repo, RepoType};
 
 use crate::encoder::{Encoder, EncoderError};
 use crate::hub;
-use crate::model::{flash_unsupported, ArmoRM, ArmoRMConfig, AttentionKind};
+use crate::model::{flash3_unsupported, flash_unsupported, ArmoRM, ArmoRMConfig, AttentionKind};
 
 pub const DEFAULT_MODEL: &str = "RLHFlow/ArmoRM-Llama3-8B-v0.1";
 const INDEX: &str = "model.safetensors.index.json";
@@ -253,6 +253,29 @@ pub fn keep_freed_memory(device: &Device) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The CUDA device's compute capability (major, minor); `None` on other devices or if it cannot be
+/// read.
+pub fn compute_capability(device: &Device) -> Option<(i32, i32)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        use sys::CUdevice_attribute::{
+            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR,
+            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
+        };
+        let cu = dev.cuda_stream().context().cu_device();
+        // SAFETY: the device handle is the context's own; both attributes are plain ints.
+        return unsafe {
+            Some((
+                result::device::get_attribute(cu, MAJOR).ok()?,
+                result::device::get_attribute(cu, MINOR).ok()?,
+            ))
+        };
+    }
+    let _ = device;
+    None
+}
+
 /// Hands the memory `keep_freed_memory` keeps back to the driver, once the device has finished its
 /// work: after an out-of-memory error, so that a retry is not refused while gigabytes sit free in
 /// the pool in blocks of the wrong sizes (what the driver's default did at every synchronization).
@@ -289,8 +312,8 @@ pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
     }
 }
 
-/// `--attention`: auto (flash where it can run, else blocked), flash (refused where it cannot run, with
-/// the reason) or blocked; `varlen-reference` (hidden) runs flash attention's flat layout with matmuls
+/// `--attention`: auto (flash where it can run, else blocked), flash or flash3 (refused where they
+/// cannot run, with the reason) or blocked; `varlen-reference` (hidden) runs flash attention's flat layout with matmuls
 /// anywhere, for tests.
 pub fn attention(
     spec: &str,
@@ -308,8 +331,14 @@ pub fn attention(
                 "--attention flash: {why}; use --attention blocked (or auto)"
             ))),
         },
+        "flash3" => match flash3_unsupported(device, dtype, head_dim, compute_capability(device)) {
+            None => Ok(AttentionKind::Flash3),
+            Some(why) => Err(LoadError::Device(format!(
+                "--attention flash3: {why}; use --attention auto"
+            ))),
+        },
         other => Err(LoadError::Device(format!(
-            "bad attention {other:?}: expected auto, flash or blocked"
+            "bad attention {other:?}: expected auto, flash, flash3 or blocked"
         ))),
     }
 }

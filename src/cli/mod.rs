@@ -92,7 +92,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
     prefix_sharing: String,
     /// auto: flash attention where it can run (a flash-attn build, CUDA, bf16/f16, head dim 128), else
-    /// blocked; flash: refused where it cannot run; blocked: padded causal attention in query blocks.
+    /// blocked; flash: refused where it cannot run; flash3: FlashAttention-3 (experimental; a
+    /// flash-attn-v3 build on an H100/H200), refused elsewhere; blocked: padded causal attention in
+    /// query blocks.
     #[arg(long, default_value = "auto", value_parser = attention_values())]
     attention: String,
     /// Longest conversation accepted, in tokens [default: the model's max_position_embeddings].
@@ -213,6 +215,7 @@ fn attention_values() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new([
         PossibleValue::new("auto"),
         PossibleValue::new("flash"),
+        PossibleValue::new("flash3"),
         PossibleValue::new("blocked"),
         PossibleValue::new("varlen-reference").hide(true),
     ])
@@ -241,7 +244,7 @@ fn with_kernels(
         .context("joining the gate/up weights for ARMORM_FUSED_OPS=gateup")?
         .with_accumulate(fused.accumulate)
         .with_compute_dtype_residual(bf16_residual_requested());
-    if attention == AttentionKind::Flash {
+    if matches!(attention, AttentionKind::Flash | AttentionKind::Flash3) {
         check_flash(&model, device)?;
     }
     if model.fused_ops() {

@@ -381,11 +381,17 @@ impl Llama {
         self.residual
     }
 
-    /// `varlen::flash_self_check` with this model's heads, device and dtype; with one q/k/v GEMM, on
-    /// views of one buffer too.
+    /// `varlen::flash_self_check` with this model's attention, heads, device and dtype; with one
+    /// q/k/v GEMM, on views of one buffer too.
     pub fn flash_self_check(&self) -> Result<f32> {
         let (nh, nkv) = self.layers.first().map_or((1, 1), |l| l.self_attn.heads());
-        super::varlen::flash_self_check(&self.device, self.dtype, (nh, nkv), self.qkv)
+        super::varlen::flash_self_check(
+            self.attention,
+            &self.device,
+            self.dtype,
+            (nh, nkv),
+            self.qkv,
+        )
     }
 
     /// Times every section of each forward pass into the timer's profile.

@@ -22,7 +22,7 @@ pub use config::ArmoRMConfig;
 pub use head::{ArmoRMHead, HeadOutput, RowScore};
 pub use llama::{KvCache, Llama, Past};
 pub use profile::{Profile, Section};
-pub use varlen::{flash_unsupported, AttentionKind};
+pub use varlen::{flash3_unsupported, flash_unsupported, AttentionKind};
 
 use profile::Timer;
 

@@ -1,6 +1,7 @@
 //! Attention over the flat rows without padding (variable length, `cu_seqlens`): candle's flash
-//! attention on CUDA (`flash-attn` feature), and a matmul reference of the same contract that runs
-//! anywhere, so the flat layout is tested where no GPU is.
+//! attention on CUDA (`flash-attn` feature; FlashAttention-3 on Hopper with `flash-attn-v3`), and a
+//! matmul reference of the same contract that runs anywhere, so the flat layout is tested where no
+//! GPU is.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -15,6 +16,10 @@ pub enum AttentionKind {
     /// Flash attention (variable length) over the flat rows: no padding, no score tensor. CUDA, bf16 or
     /// f16, head dim 128 (the only kernels the trimmed build compiles).
     Flash,
+    /// FlashAttention-3 (Hopper's wgmma and TMA; sm_90a cubins, so compute capability 9.0 only) over
+    /// the flat rows, with FlashAttention-2 for rows that continue cached prefixes (the trimmed v3
+    /// build has no kernel for more keys than queries). Same contract and dtypes as `Flash`.
+    Flash3,
     /// Flash attention's contract computed row by row with matmuls: the flat layout, checked on any
     /// device. Slow; for tests.
     VarlenReference,
@@ -34,6 +39,7 @@ impl AttentionKind {
         match self {
             AttentionKind::Blocked => "blocked",
             AttentionKind::Flash => "flash",
+            AttentionKind::Flash3 => "flash3",
             AttentionKind::VarlenReference => "varlen-reference",
         }
     }
@@ -63,6 +69,43 @@ pub fn flash_unsupported(device: &Device, dtype: DType, head_dim: usize) -> Opti
         ));
     }
     None
+}
+
+/// Why FlashAttention-3 cannot run here, or `None` when it can; `capability` is the CUDA device's
+/// compute capability (major, minor), `None` off CUDA.
+pub fn flash3_unsupported(
+    device: &Device,
+    dtype: DType,
+    head_dim: usize,
+    capability: Option<(i32, i32)>,
+) -> Option<String> {
+    flash3_refusal(
+        cfg!(feature = "flash-attn-v3"),
+        flash_unsupported(device, dtype, head_dim),
+        capability,
+    )
+}
+
+fn flash3_refusal(
+    built: bool,
+    flash2: Option<String>,
+    capability: Option<(i32, i32)>,
+) -> Option<String> {
+    if !built {
+        return Some("this armorm was built without the flash-attn-v3 feature".into());
+    }
+    if let Some(why) = flash2 {
+        return Some(why);
+    }
+    match capability {
+        // sm_90a code runs on compute capability 9.0 alone, not on later architectures.
+        Some((9, 0)) => None,
+        Some((major, minor)) => Some(format!(
+            "FlashAttention-3 is built for Hopper (compute capability 9.0) only; this device is \
+             {major}.{minor}"
+        )),
+        None => Some("the device's compute capability could not be read".into()),
+    }
 }
 
 /// The flat rows as variable-length kernels take them: queries are each row's new tokens end to
@@ -137,6 +180,8 @@ impl Varlen {
         let scale = 1.0 / (q.dim(2)? as f32).sqrt();
         match kind {
             AttentionKind::Flash => self.flash(q, k, v, scale),
+            AttentionKind::Flash3 if self.cu_q == self.cu_k => self.flash3(q, k, v, scale),
+            AttentionKind::Flash3 => self.flash(q, k, v, scale),
             AttentionKind::VarlenReference => self.reference(q, k, v, scale),
             AttentionKind::Blocked => candle_core::bail!("varlen attention called for blocked"),
         }
@@ -161,6 +206,25 @@ impl Varlen {
     fn flash(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: f32) -> Result<Tensor> {
         let _ = (&self.cu_q_dev, &self.cu_k_dev, self.max_q, self.max_k);
         candle_core::bail!("this armorm was built without the flash-attn feature")
+    }
+
+    #[cfg(feature = "flash-attn-v3")]
+    fn flash3(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        candle_flash_attn_v3::flash_attn_varlen_causal(
+            q,
+            k,
+            v,
+            &self.cu_q_dev,
+            &self.cu_k_dev,
+            self.max_q,
+            self.max_k,
+            scale,
+        )
+    }
+
+    #[cfg(not(feature = "flash-attn-v3"))]
+    fn flash3(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: f32) -> Result<Tensor> {
+        candle_core::bail!("this armorm was built without the flash-attn-v3 feature")
     }
 
     /// The same contract, one row at a time: grouped-query attention with an f32 softmax.
@@ -193,13 +257,15 @@ impl Varlen {
     }
 }
 
-/// The largest difference between flash attention and the reference on random rows on `device`, in
-/// `dtype`, with this model's heads: rows of 1, 69 and 230 tokens, and rows with more keys than
-/// queries (as after a cached prefix); with `joined`, the first rows again with queries, keys and
+/// The largest difference between flash attention (`kind`: either version) and the reference on
+/// random rows on `device`, in `dtype`, with this model's heads: rows of 1, 69 and 230 tokens, rows
+/// of 700, 1,500 and 3 (several 128-row query tiles, and tiles past a shorter row's end), and rows with
+/// more keys than queries (as after a cached prefix); with `joined`, the first rows again with queries, keys and
 /// values as strided views of one q/k/v buffer (as `ARMORM_FUSED_OPS=qkv` hands them over). The
 /// kernels report no errors (a failed launch leaves the output uninitialized), so a run checks them
 /// once before trusting them. NaN reads as infinity.
 pub fn flash_self_check(
+    kind: AttentionKind,
     device: &Device,
     dtype: DType,
     (num_heads, num_kv_heads): (usize, usize),
@@ -207,8 +273,10 @@ pub fn flash_self_check(
 ) -> Result<f32> {
     let mut worst = 0f32;
     let rows = [0, 1, 70, 300];
+    let long = [0, 700, 2200, 2203];
     let cases = [
         (&rows[..], &rows[..], false),
+        (&long[..], &long[..], false),
         (&[0, 3, 8][..], &[0, 50, 58][..], false),
     ];
     let views = [(&rows[..], &rows[..], true)];
@@ -234,7 +302,7 @@ pub fn flash_self_check(
                 random(cu_k[cu_k.len() - 1], num_kv_heads)?,
             )
         };
-        let flash = grid.attend(AttentionKind::Flash, &q, &k, &v)?;
+        let flash = grid.attend(kind, &q, &k, &v)?;
         let reference = grid.attend(AttentionKind::VarlenReference, &q, &k, &v)?;
         let diff = (flash.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?
             .abs()?
@@ -304,5 +372,43 @@ mod tests {
             AttentionKind::auto(&Device::Cpu, DType::BF16, 128),
             AttentionKind::Blocked
         );
+    }
+
+    /// FlashAttention-3 serves rows with as many keys as queries; rows after a cached prefix go to
+    /// FlashAttention-2 (the trimmed v3 build has no kernel for them). Told apart here by which
+    /// missing feature each call names.
+    #[test]
+    #[cfg(not(feature = "flash-attn"))]
+    fn flash3_leaves_rows_with_cached_keys_to_flash2() {
+        let x = |n: usize, h: usize| Tensor::zeros((n, h, 8), DType::F32, &Device::Cpu).unwrap();
+        let own = Varlen::from_cu(&[0, 2, 5], &[0, 2, 5], None, &Device::Cpu).unwrap();
+        let err = own
+            .attend(AttentionKind::Flash3, &x(5, 2), &x(5, 1), &x(5, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("flash-attn-v3 feature"), "{err}");
+        let cached = Varlen::from_cu(&[0, 2, 5], &[0, 4, 9], None, &Device::Cpu).unwrap();
+        let err = cached
+            .attend(AttentionKind::Flash3, &x(5, 2), &x(9, 1), &x(9, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("flash-attn feature"), "{err}");
+        assert!(!err.to_string().contains("v3"), "{err}");
+    }
+
+    #[test]
+    fn flash3_runs_on_compute_capability_9_0_alone() {
+        assert_eq!(flash3_refusal(true, None, Some((9, 0))), None);
+        for (cap, shown) in [((8, 0), "8.0"), ((8, 9), "8.9"), ((10, 0), "10.0")] {
+            let why = flash3_refusal(true, None, Some(cap)).unwrap();
+            assert!(why.contains("Hopper") && why.contains(shown), "{why}");
+        }
+        assert!(flash3_refusal(true, None, None).is_some());
+        let flash2 = Some("flash attention runs on CUDA devices only".to_string());
+        assert_eq!(flash3_refusal(true, flash2.clone(), Some((9, 0))), flash2);
+        let why = flash3_refusal(false, None, Some((9, 0))).unwrap();
+        assert!(why.contains("flash-attn-v3"), "{why}");
+        if !cfg!(feature = "flash-attn-v3") {
+            let why = flash3_unsupported(&Device::Cpu, DType::BF16, 128, None).unwrap();
+            assert!(why.contains("flash-attn-v3"), "{why}");
+        }
     }
 }

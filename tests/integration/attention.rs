@@ -112,6 +112,34 @@ fn flash_is_refused_with_the_reason_where_it_cannot_run() {
     assert!(stderr.contains("--attention blocked"), "{stderr}");
 }
 
+#[test]
+fn flash3_is_refused_with_the_reason_where_it_cannot_run() {
+    let input = fixtures().join("conversations.jsonl");
+    let model = model_dir(TINY);
+    let out = armorm(&[
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        "-",
+        "--device",
+        "cpu",
+        "--attention",
+        "flash3",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // This build has no flash-attn-v3 feature, or (with it) the CPU is no CUDA device.
+    assert!(stderr.contains("--attention flash3"), "{stderr}");
+    assert!(
+        stderr.contains("built without the flash-attn-v3 feature") || stderr.contains("CUDA"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--attention auto"), "{stderr}");
+}
+
 /// The output and the summary line say which attention ran and the token budget; the defaults on the
 /// CPU are blocked attention and 16384 tokens.
 #[test]
