@@ -259,14 +259,18 @@ fn with_kernels(
 
 /// Refuses flash attention whose kernels do not compute what the reference does on this device.
 fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
+    let (what, instead) = match model.attention() {
+        AttentionKind::Flash3 => ("FlashAttention-3", "--attention flash"),
+        _ => ("flash attention", "--attention blocked"),
+    };
     let diff = model
         .flash_self_check()
-        .with_context(|| format!("flash attention self-check on {}", device_name(device)))?;
+        .with_context(|| format!("{what} self-check on {}", device_name(device)))?;
     if diff > SELF_CHECK_TOLERANCE {
         anyhow::bail!(
-            "flash attention on {} differs from the reference by {diff} on random rows (allowed \
+            "{what} on {} differs from the reference by {diff} on random rows (allowed \
              {SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device; use \
-             --attention blocked",
+             {instead}",
             device_name(device)
         );
     }
