@@ -313,8 +313,8 @@ pub fn dtype(spec: &str, device: &Device) -> Result<DType, LoadError> {
 }
 
 /// `--attention`: auto (flash where it can run, else blocked), flash or flash3 (refused where they
-/// cannot run, with the reason) or blocked; `varlen-reference` (hidden) runs flash attention's flat layout with matmuls
-/// anywhere, for tests.
+/// cannot run, with the reason) or blocked; `varlen-reference` (hidden) runs flash attention's flat
+/// layout with matmuls anywhere, for tests.
 pub fn attention(
     spec: &str,
     device: &Device,

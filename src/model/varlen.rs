@@ -259,11 +259,11 @@ impl Varlen {
 
 /// The largest difference between flash attention (`kind`: either version) and the reference on
 /// random rows on `device`, in `dtype`, with this model's heads: rows of 1, 69 and 230 tokens, rows
-/// of 700, 1,500 and 3 (several 128-row query tiles, and tiles past a shorter row's end), and rows with
-/// more keys than queries (as after a cached prefix); with `joined`, the first rows again with queries, keys and
-/// values as strided views of one q/k/v buffer (as `ARMORM_FUSED_OPS=qkv` hands them over). The
-/// kernels report no errors (a failed launch leaves the output uninitialized), so a run checks them
-/// once before trusting them. NaN reads as infinity.
+/// of 700, 1,500 and 3 (several 128-row query tiles, and tiles past a shorter row's end), and rows
+/// with more keys than queries (as after a cached prefix); with `joined`, the first rows again with
+/// queries, keys and values as strided views of one q/k/v buffer (as `ARMORM_FUSED_OPS=qkv` hands
+/// them over). The kernels report no errors (a failed launch leaves the output uninitialized), so a
+/// run checks them once before trusting them. NaN reads as infinity.
 pub fn flash_self_check(
     kind: AttentionKind,
     device: &Device,
