@@ -41,7 +41,8 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
   gemm     torch's F.linear on the projections' shapes at 65,536 tokens: the rate cuBLAS gives them on
            this card, beside armorm's profile; and torch's own FlashAttention-2 varlen forward on both
            sets' rows in armorm's batches (one layer, the time for all layers beside armorm's
-           varlen_attn section: is flash on short rows slow in the kernel family or in armorm's build?);
+           varlen_attn section: is flash on short rows slow in the kernel family or in armorm's build?),
+           and torch's cuDNN attention (Hopper-native kernels) on the long rows, a yardstick for flash3;
   residual armorm bf16 on both cases with ARMORM_BF16_RESIDUAL=1 (the residual stream in bf16, as
            transformers keeps it, instead of f32; issue 10 step 3 "measure both"): its gain, the largest
            score difference and its own Pearson figure against transformers-f32;
@@ -55,7 +56,7 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
 Seconds per phase measured on an H200 (two runs, 2026-11-28, scripts/perf-notes.md 15): setup 31 (16 GB
 of weights written; tokenization), compile 24, short 10, long 8, profile 10 with 256/8 rows (~20 with the
 whole sets, the default now; ~60 with --profile-fused's two variants), flash3, flash3-all, vector, qkv,
-gateup and accumulate ~20 each (predicted, like fused), pool 18, fused 20, gemm 1 (~5 with torch's flash on both sets, predicted), armorm f32 13, transformers bf16 73 (load, 3 short
+gateup and accumulate ~20 each (predicted, like fused), pool 18, fused 20, gemm 1 (~8 with torch's flash on both sets and cuDNN on the long rows, predicted), armorm f32 13, transformers bf16 73 (load, 3 short
 and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, residual 19, blocked 44,
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
@@ -352,6 +353,36 @@ def flash_varlen_seconds(device, lens, heads, kv_heads, d, budget=65536):
     return sorted(times)[1]
 
 
+def cudnn_attention_seconds(device, lens, heads, d):
+    """torch's SDPA restricted to its cuDNN backend (Hopper-native kernels on an H100/H200), causal,
+    bf16, one row per call (no padding; k/v with all heads, as GQA expanded), over rows of these
+    lengths: seconds for one layer over all rows (median of 3), or NaN where the backend cannot run.
+    A yardstick for FlashAttention-3's rate on the same rows, not a baseline."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = [torch.randn(3, 1, heads, n, d, device=device, dtype=torch.bfloat16) for n in lens]
+
+    def one_layer():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for q, k, v in rows:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    try:
+        one_layer()
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        log(f"cuDNN attention unavailable: {str(e).splitlines()[0][:200]}")
+        return float("nan")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        one_layer()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
 def matmul_tflops(device, dtype):
     if device.type != "cuda":
         return float("nan")
@@ -599,6 +630,16 @@ class Check:
             log(f"torch flash varlen on the {case} rows: {secs * 1e3:.2f} ms a layer, "
                 f"{flash[case]['tflops']:.0f} TFLOP/s, {flash[case]['seconds_all_layers']:.3f} s for all layers")
         self.res["torch_flash"] = flash
+        # torch's cuDNN attention (Hopper-native) on the long rows: a yardstick for flash3's varlen_attn
+        # section under `profile flash3:...` (perf-notes 17).
+        lens = self.lens.get("long", [])
+        secs = cudnn_attention_seconds(self.device, lens, heads, d)
+        flop = sum(4 * (n * (n + 1) / 2) * d * heads for n in lens)
+        self.res["torch_cudnn_attention"] = dict(
+            seconds_per_layer=secs, tflops=flop / secs / 1e12 if secs == secs else secs,
+            seconds_all_layers=secs * self.cfg["num_hidden_layers"])
+        log(f"torch cuDNN attention on the long rows: {self.res['torch_cudnn_attention']['tflops']:.0f} TFLOP/s, "
+            f"{secs * self.cfg['num_hidden_layers']:.3f} s for all layers")
 
     def residual(self):
         self.variant("armorm_residual", {"ARMORM_BF16_RESIDUAL": "1"})
@@ -794,6 +835,10 @@ class Check:
         if res.get("gemm_tflops"):
             p("torch F.linear at 65,536 tokens (TFLOP/s): " +
               ", ".join(f"{k} {v:.0f}" for k, v in res["gemm_tflops"].items()))
+        c = res.get("torch_cudnn_attention")
+        if c:
+            p(f"torch cuDNN attention, long rows: {c['tflops']:.0f} TFLOP/s, {c['seconds_all_layers']:.3f} s for all "
+              f"layers (yardstick for flash3's varlen_attn section)")
         for case, f in res.get("torch_flash", {}).items():
             p(f"torch flash varlen, {case} rows: {f['tflops']:.0f} TFLOP/s, {f['seconds_all_layers']:.3f} s for all "
               f"layers (armorm's profile: varlen_attn section)")
