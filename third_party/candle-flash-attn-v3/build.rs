@@ -24,6 +24,29 @@ const KERNEL_FILES: &[&str] = &[
     "flash_fwd_hdim128_bf16_sm90.cu",
 ];
 
+// Trimmed for armorm: the headers the kernels include. Cargo reruns this script when one changes, and
+// the build helper recompiles when their hash changes (the published script named `kernels/**.h`, a
+// glob cargo does not expand, in a folder this crate does not have, so a header edit reused stale
+// objects).
+const HEADERS: &[&str] = &[
+    "combine.h",
+    "copy_paged_sm90_tma.hpp",
+    "copy_paged_sm90_tma_cutlass35.hpp",
+    "copy_paged_sm90_tma_cutlass36.hpp",
+    "epilogue_fwd_sm90_tma.hpp",
+    "flash.h",
+    "flash_fwd_kernel.h",
+    "flash_fwd_launch_template.h",
+    "kernel_traits.h",
+    "mainloop_fwd_sm90_tma_gmma_ws.hpp",
+    "named_barrier.hpp",
+    "seq_len.h",
+    "softmax.h",
+    "static_switch.h",
+    "tile_scheduler.hpp",
+    "utils.h",
+];
+
 // Trimmed for armorm: CUTLASS 3.5.0, the commit candle-flash-attn (v2) pins, which ../shared/cutlass
 // holds for offline builds (the published crate pins 4c42f73, a 3.6 commit; the kernels select their
 // CUTLASS 3.5 copy path themselves, hkernel/copy_paged_sm90_tma.hpp).
@@ -40,9 +63,9 @@ fn main() -> Result<()> {
     for file in KERNEL_FILES {
         println!("cargo:rerun-if-changed=hkernel/{file}");
     }
-    println!("cargo:rerun-if-changed=kernels/**.h");
-    println!("cargo:rerun-if-changed=kernels/**.hpp");
-    println!("cargo:rerun-if-changed=kernels/**.cpp");
+    for file in HEADERS {
+        println!("cargo:rerun-if-changed=hkernel/{file}");
+    }
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR not set"));
     // You can optionally allow an environment variable to cache the compiled artifacts.
@@ -70,6 +93,7 @@ fn main() -> Result<()> {
 
     let mut builder = KernelBuilder::new()
         .source_files(kernels)
+        .watch(HEADERS.iter().map(|f| PathBuf::from("hkernel").join(f)))
         .out_dir(&build_dir)
         .with_cutlass(Some(CUTLASS_COMMIT)) // ✅ Auto-fetch and include CUTLASS from GitHub
         .arg("-std=c++17")
