@@ -17,8 +17,9 @@ pub enum AttentionKind {
     /// f16, head dim 128 (the only kernels the trimmed build compiles).
     Flash,
     /// FlashAttention-3 (Hopper's wgmma and TMA; sm_90a cubins, so compute capability 9.0 only) over
-    /// the flat rows, with FlashAttention-2 for rows that continue cached prefixes (the trimmed v3
-    /// build has no kernel for more keys than queries). Same contract and dtypes as `Flash`.
+    /// the flat rows, with FlashAttention-2 for rows that continue cached prefixes (FA3's kernel
+    /// aligns its causal mask bottom-right too, but more keys than queries stay on the kernel already
+    /// measured until FA3 has run on a card). Same contract and dtypes as `Flash`.
     Flash3,
     /// Flash attention's contract computed row by row with matmuls: the flat layout, checked on any
     /// device. Slow; for tests.
@@ -375,8 +376,7 @@ mod tests {
     }
 
     /// FlashAttention-3 serves rows with as many keys as queries; rows after a cached prefix go to
-    /// FlashAttention-2 (the trimmed v3 build has no kernel for them). Told apart here by which
-    /// missing feature each call names.
+    /// FlashAttention-2. Told apart here by which missing feature each call names.
     #[test]
     #[cfg(not(feature = "flash-attn"))]
     fn flash3_leaves_rows_with_cached_keys_to_flash2() {
