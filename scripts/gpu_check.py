@@ -61,6 +61,9 @@ and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, resi
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
 
+Each armorm run is killed after --run-timeout (120 s): a kernel that hangs costs that phase, not the lease.
+After one flash3 run fails or times out, the remaining flash3 runs are skipped.
+
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
 
@@ -404,13 +407,28 @@ def matmul_tflops(device, dtype):
 class Armorm:
     """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
 
-    def __init__(self, binary, model_dir, device, budget, attention, work: Path):
+    def __init__(self, binary, model_dir, device, budget, attention, work: Path, timeout):
         self.binary, self.model_dir, self.device, self.budget = str(binary), model_dir, device, budget
-        self.attention = attention
+        self.attention, self.timeout = attention, timeout
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
+        # A kernel never run on a card before (flash3) may hang rather than fail: after one flash3 run
+        # has failed or timed out, the others are skipped instead of each waiting out its timeout.
+        self.flash3_failed = None
+        self.flash3_args = ("--attention", "flash3")  # the check's own, for a dry run's stand-in
 
     def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=(), cache=None):
+        flash3 = tuple(extra[:2]) == self.flash3_args
+        if flash3 and self.flash3_failed:
+            raise RuntimeError(f"skipped: an earlier --attention flash3 run failed ({self.flash3_failed})")
+        try:
+            return self._run(data, dtype, env, sample_gpu, extra, cache)
+        except Exception as e:
+            if flash3:
+                self.flash3_failed = str(e).splitlines()[0][:200]
+            raise
+
+    def _run(self, data: Path, dtype, env, sample_gpu, extra, cache):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
             # f32 has no flash kernels: auto picks blocked attention there. `extra` may name its own.
@@ -423,7 +441,12 @@ class Armorm:
                         "CUDA_CACHE_MAXSIZE": str(4 << 30), **(env or {})}
             sampler = GpuSampler() if sample_gpu else None
             t = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                if sampler:
+                    sampler.stop()
+                raise RuntimeError(f"armorm timed out after {self.timeout:g} s ({' '.join(cmd)})") from None
             wall = time.perf_counter() - t
             gpu = sampler.stop() if sampler else None
             if p.returncode != 0:
@@ -556,7 +579,8 @@ class Check:
             self.res["gpu"] = dict(name=torch.cuda.get_device_name(), free_gib=free / 2 ** 30,
                                    total_gib=total / 2 ** 30)
         self.armorm = Armorm(a.armorm, self.model_dir, "cuda:0" if self.device.type == "cuda" else "cpu",
-                             a.max_batch_tokens, a.attention, self.work)
+                             a.max_batch_tokens, a.attention, self.work, a.run_timeout)
+        self.armorm.flash3_args = self.flash3_args
 
     # -- armorm phases
 
@@ -988,6 +1012,10 @@ def main():
                     help=f"comma-separated phases to skip, of {','.join(PHASES)}")
     ap.add_argument("--best-of-8", action="store_true", help="also the best-of-8 case (for issue 12)")
     ap.add_argument("--best-of-8-prompts", type=int, default=64)
+    ap.add_argument("--run-timeout", type=float, default=120,
+                    help="seconds after which one armorm run is killed and its phase fails (a hung kernel "
+                         "must not take the lease; the slowest run measured, the first on a fresh node, "
+                         "took 24 s); after a flash3 run fails, the other flash3 runs are skipped")
     ap.add_argument("--time-limit", type=float, default=400,
                     help="seconds after which the phases not yet started are skipped (the summary still prints)")
     ap.add_argument("--json", default=None, help="write every number here [default: WORK/gpu-check.json]")
