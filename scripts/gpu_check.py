@@ -318,6 +318,17 @@ def linear_tflops(device, m, k, n):
     return 2 * m * k * n * 10 / (time.perf_counter() - t) / 1e12
 
 
+def median_of_3(fn):
+    """Seconds of `fn` on the GPU, the median of 3 runs (the caller has warmed it up)."""
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
 def flash_varlen_seconds(device, lens, heads, kv_heads, d, budget=65536):
     """torch's own FlashAttention-2 varlen forward (aten._flash_attention_forward, the kernel behind
     its jagged-tensor SDPA) over rows of these lengths, causal, GQA, bf16, in length-sorted batches of
@@ -347,13 +358,7 @@ def flash_varlen_seconds(device, lens, heads, kv_heads, d, budget=65536):
 
     one_layer()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        one_layer()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[1]
+    return median_of_3(one_layer)
 
 
 def cudnn_attention_seconds(device, lens, heads, d):
@@ -377,13 +382,7 @@ def cudnn_attention_seconds(device, lens, heads, d):
     except RuntimeError as e:
         log(f"cuDNN attention unavailable: {str(e).splitlines()[0][:200]}")
         return float("nan")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        one_layer()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[1]
+    return median_of_3(one_layer)
 
 
 def matmul_tflops(device, dtype):
@@ -407,15 +406,14 @@ def matmul_tflops(device, dtype):
 class Armorm:
     """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
 
-    def __init__(self, binary, model_dir, device, budget, attention, work: Path, timeout):
+    def __init__(self, binary, model_dir, device, budget, attention, work: Path, timeout, flash3_args):
         self.binary, self.model_dir, self.device, self.budget = str(binary), model_dir, device, budget
-        self.attention, self.timeout = attention, timeout
+        self.attention, self.timeout, self.flash3_args = attention, timeout, flash3_args
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
         # A kernel never run on a card before (flash3) may hang rather than fail: after one flash3 run
         # has failed or timed out, the others are skipped instead of each waiting out its timeout.
         self.flash3_failed = None
-        self.flash3_args = ("--attention", "flash3")  # the check's own, for a dry run's stand-in
 
     def run(self, data: Path, dtype, env=None, sample_gpu=False, extra=(), cache=None):
         flash3 = tuple(extra[:2]) == self.flash3_args
@@ -579,8 +577,7 @@ class Check:
             self.res["gpu"] = dict(name=torch.cuda.get_device_name(), free_gib=free / 2 ** 30,
                                    total_gib=total / 2 ** 30)
         self.armorm = Armorm(a.armorm, self.model_dir, "cuda:0" if self.device.type == "cuda" else "cpu",
-                             a.max_batch_tokens, a.attention, self.work, a.run_timeout)
-        self.armorm.flash3_args = self.flash3_args
+                             a.max_batch_tokens, a.attention, self.work, a.run_timeout, self.flash3_args)
 
     # -- armorm phases
 
@@ -645,25 +642,23 @@ class Check:
         # armorm's varlen_attn section (perf-notes 15 measured ~29 TFLOP/s on short rows, 263 on long).
         heads, kv_heads = self.cfg["num_attention_heads"], self.cfg["num_key_value_heads"]
         d = self.cfg["hidden_size"] // heads
-        flash = {}
-        for case, lens in self.lens.items():
-            secs = flash_varlen_seconds(self.device, lens, heads, kv_heads, d)
+        def rate(name, case, secs):
+            lens = self.lens[case]
             flop = sum(4 * (n * (n + 1) / 2) * d * heads for n in lens)
-            flash[case] = dict(seconds_per_layer=secs, tflops=flop / secs / 1e12 if secs == secs else secs,
-                               seconds_all_layers=secs * self.cfg["num_hidden_layers"])
-            log(f"torch flash varlen on the {case} rows: {secs * 1e3:.2f} ms a layer, "
-                f"{flash[case]['tflops']:.0f} TFLOP/s, {flash[case]['seconds_all_layers']:.3f} s for all layers")
-        self.res["torch_flash"] = flash
+            r = dict(seconds_per_layer=secs, tflops=flop / secs / 1e12 if secs == secs else secs,
+                     seconds_all_layers=secs * self.cfg["num_hidden_layers"])
+            log(f"torch {name} on the {case} rows: {secs * 1e3:.2f} ms a layer, {r['tflops']:.0f} TFLOP/s, "
+                f"{r['seconds_all_layers']:.3f} s for all layers")
+            return r
+
+        self.res["torch_flash"] = {
+            case: rate("flash varlen", case, flash_varlen_seconds(self.device, lens, heads, kv_heads, d))
+            for case, lens in self.lens.items()}
         # torch's cuDNN attention (Hopper-native) on the long rows: a yardstick for flash3's varlen_attn
         # section under `profile flash3:...` (perf-notes 17).
-        lens = self.lens.get("long", [])
-        secs = cudnn_attention_seconds(self.device, lens, heads, d)
-        flop = sum(4 * (n * (n + 1) / 2) * d * heads for n in lens)
-        self.res["torch_cudnn_attention"] = dict(
-            seconds_per_layer=secs, tflops=flop / secs / 1e12 if secs == secs else secs,
-            seconds_all_layers=secs * self.cfg["num_hidden_layers"])
-        log(f"torch cuDNN attention on the long rows: {self.res['torch_cudnn_attention']['tflops']:.0f} TFLOP/s, "
-            f"{secs * self.cfg['num_hidden_layers']:.3f} s for all layers")
+        if "long" in self.lens:
+            self.res["torch_cudnn_attention"] = rate(
+                "cuDNN attention", "long", cudnn_attention_seconds(self.device, self.lens["long"], heads, d))
 
     def residual(self):
         self.variant("armorm_residual", {"ARMORM_BF16_RESIDUAL": "1"})
@@ -687,10 +682,9 @@ class Check:
         a = self.args
         for spec in [None, *a.profile_fused]:
             key = "profile" if spec is None else f"profile {spec}"
-            flash3, fused = (spec or "").startswith("flash3:"), spec
-            if flash3:
-                fused = spec.split(":", 1)[1]
-            extra = self.flash3_args if flash3 else ()
+            fused, extra = spec, ()
+            if spec and spec.startswith("flash3:"):
+                fused, extra = spec.split(":", 1)[1], self.flash3_args
             env = {"ARMORM_PROFILE": "1", **({"ARMORM_FUSED_OPS": fused} if fused else {})}
             for case, n in (("short", a.profile_rows), ("long", a.profile_long_rows)):
                 if n == 0:
