@@ -84,60 +84,42 @@ fn flat_rows_share_prefixes_with_the_same_results() {
     }
 }
 
+/// Each flash kernel is refused on the CPU with the reason and a way out: this build lacks its
+/// feature, or (with it) the CPU is no CUDA device.
 #[test]
-fn flash_is_refused_with_the_reason_where_it_cannot_run() {
+fn flash_kernels_are_refused_with_the_reason_where_they_cannot_run() {
     let input = fixtures().join("conversations.jsonl");
     let model = model_dir(TINY);
-    let out = armorm(&[
-        "score",
-        input.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "-o",
-        "-",
-        "--device",
-        "cpu",
-        "--attention",
-        "flash",
-    ]);
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // This build has no flash-attn feature, or (with it) the CPU is no CUDA device.
-    assert!(stderr.contains("--attention flash"), "{stderr}");
-    assert!(
-        stderr.contains("built without the flash-attn feature") || stderr.contains("CUDA"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("--attention blocked"), "{stderr}");
-}
-
-#[test]
-fn flash3_is_refused_with_the_reason_where_it_cannot_run() {
-    let input = fixtures().join("conversations.jsonl");
-    let model = model_dir(TINY);
-    let out = armorm(&[
-        "score",
-        input.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "-o",
-        "-",
-        "--device",
-        "cpu",
-        "--attention",
-        "flash3",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // This build has no flash-attn-v3 feature, or (with it) the CPU is no CUDA device.
-    assert!(stderr.contains("--attention flash3"), "{stderr}");
-    assert!(
-        stderr.contains("built without the flash-attn-v3 feature") || stderr.contains("CUDA"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("--attention auto"), "{stderr}");
+    for (attention, feature, instead) in [
+        ("flash", "flash-attn", "--attention blocked"),
+        ("flash3", "flash-attn-v3", "--attention auto"),
+    ] {
+        let out = armorm(&[
+            "score",
+            input.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            "-",
+            "--device",
+            "cpu",
+            "--attention",
+            attention,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{attention}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("--attention {attention}:")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("built without the {feature} feature"))
+                || stderr.contains("CUDA"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(instead), "{stderr}");
+    }
 }
 
 /// The output and the summary line say which attention ran and the token budget; the defaults on the
