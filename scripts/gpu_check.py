@@ -14,7 +14,7 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            with each ARMORM_FUSED_OPS value of --profile-fused (default vector,qkv,gateup,accumulate, and
            the same under --attention flash3: the sections that perf-notes 15-17 predict they shorten);
   flash3   armorm bf16 on both cases with --attention flash3 (FlashAttention-3, Hopper's wgmma and TMA,
-           in place of FlashAttention-2; perf-notes 17 predicts +3-5% short, +7-10% long): its gain,
+           in place of FlashAttention-2; perf-notes 17 predicts 0-3% short, +6-8% long): its gain,
            score difference and Pearson figure;
   flash3-all armorm bf16 on both cases with --attention flash3 and
            ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate: everything built, together;
@@ -27,12 +27,12 @@ It generates random bf16 weights of ArmoRM-Llama3-8B's shape on the GPU and then
            Pearson figure;
   qkv      armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv (the vector kernels, and each layer's
            q/k/v as one GEMM with RoPE in place on its output, handed to flash attention as views;
-           perf-notes 16 predicts +2-3% over vector alone): its gain, score difference and Pearson figure;
+           perf-notes 16 predicts +2-2.6% over vector alone): its gain, score difference and Pearson figure;
   gateup   armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv,gateup (gate/up as one GEMM, SiLU·mul
            from its halves; perf-notes 16 predicts +0.5-1.5% over vector,qkv);
   accumulate armorm bf16 on both cases with ARMORM_FUSED_OPS=vector,qkv,gateup,accumulate (o_proj and
            down_proj adding into the f32 residual stream in their cuBLAS GEMMs, no separate residual add;
-           perf-notes 16 predicts +1-3% over vector,qkv,gateup);
+           perf-notes 16 predicts +1-2.7% over vector,qkv,gateup);
   pool     armorm bf16 on both cases with ARMORM_KEEP_FREED=0 (freed memory handed back to the driver at
            every synchronization, candle's default): what keeping it in the pool gains;
   fused    armorm bf16 on both cases with ARMORM_FUSED_OPS=0 (armorm's fused SiLU·mul, residual add and
@@ -61,8 +61,9 @@ and 3 long batch sizes; ~95 with the default 4 and 4), transformers f32 24, resi
 best-of-8 32: about 6 minutes with every phase. Phases not started by --time-limit (400 s) are skipped, so
 the summary always prints.
 
-Each armorm run is killed after --run-timeout (120 s): a kernel that hangs costs that phase, not the lease.
-After one flash3 run fails or times out, the remaining flash3 runs are skipped.
+Each armorm run is killed after --run-timeout (120 s; --flash3-timeout, 60 s, for flash3 runs): a kernel
+that hangs costs that phase, not the lease. After one flash3 run fails or times out, the remaining flash3
+runs are skipped.
 
 It ends with a one-screen summary (tokens/s, MFU of 989 TFLOP/s, ratios, Pearson figures side by side,
 the profile, the issue's goals) and writes every number to a JSON file.
@@ -406,9 +407,11 @@ def matmul_tflops(device, dtype):
 class Armorm:
     """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
 
-    def __init__(self, binary, model_dir, device, budget, attention, work: Path, timeout, flash3_args):
+    def __init__(self, binary, model_dir, device, budget, attention, work: Path, timeouts, flash3_args):
         self.binary, self.model_dir, self.device, self.budget = str(binary), model_dir, device, budget
-        self.attention, self.timeout, self.flash3_args = attention, timeout, flash3_args
+        # (any run, a flash3 run): flash3 runs come after the compile run, so none needs its time.
+        (self.timeout, self.flash3_timeout), self.flash3_args = timeouts, flash3_args
+        self.attention = attention
         self.cache = work / "cuda-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
         # A kernel never run on a card before (flash3) may hang rather than fail: after one flash3 run
@@ -420,13 +423,14 @@ class Armorm:
         if flash3 and self.flash3_failed:
             raise RuntimeError(f"skipped: an earlier --attention flash3 run failed ({self.flash3_failed})")
         try:
-            return self._run(data, dtype, env, sample_gpu, extra, cache)
+            timeout = self.flash3_timeout if flash3 else self.timeout
+            return self._run(data, dtype, env, sample_gpu, extra, cache, timeout)
         except Exception as e:
             if flash3:
                 self.flash3_failed = str(e).splitlines()[0][:200]
             raise
 
-    def _run(self, data: Path, dtype, env, sample_gpu, extra, cache):
+    def _run(self, data: Path, dtype, env, sample_gpu, extra, cache, timeout):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.jsonl"
             # f32 has no flash kernels: auto picks blocked attention there. `extra` may name its own.
@@ -440,11 +444,11 @@ class Armorm:
             sampler = GpuSampler() if sample_gpu else None
             t = time.perf_counter()
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=self.timeout)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
             except subprocess.TimeoutExpired:
                 if sampler:
                     sampler.stop()
-                raise RuntimeError(f"armorm timed out after {self.timeout:g} s ({' '.join(cmd)})") from None
+                raise RuntimeError(f"armorm timed out after {timeout:g} s ({' '.join(cmd)})") from None
             wall = time.perf_counter() - t
             gpu = sampler.stop() if sampler else None
             if p.returncode != 0:
@@ -577,7 +581,8 @@ class Check:
             self.res["gpu"] = dict(name=torch.cuda.get_device_name(), free_gib=free / 2 ** 30,
                                    total_gib=total / 2 ** 30)
         self.armorm = Armorm(a.armorm, self.model_dir, "cuda:0" if self.device.type == "cuda" else "cpu",
-                             a.max_batch_tokens, a.attention, self.work, a.run_timeout, self.flash3_args)
+                             a.max_batch_tokens, a.attention, self.work, (a.run_timeout, a.flash3_timeout),
+                             self.flash3_args)
 
     # -- armorm phases
 
@@ -1010,6 +1015,9 @@ def main():
                     help="seconds after which one armorm run is killed and its phase fails (a hung kernel "
                          "must not take the lease; the slowest run measured, the first on a fresh node, "
                          "took 24 s); after a flash3 run fails, the other flash3 runs are skipped")
+    ap.add_argument("--flash3-timeout", type=float, default=60,
+                    help="--run-timeout for --attention flash3 runs: a kernel never run on a card may hang, "
+                         "and these runs come after the compile run (the short phase, load included, took 10 s)")
     ap.add_argument("--time-limit", type=float, default=400,
                     help="seconds after which the phases not yet started are skipped (the summary still prints)")
     ap.add_argument("--json", default=None, help="write every number here [default: WORK/gpu-check.json]")
