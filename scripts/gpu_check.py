@@ -404,6 +404,81 @@ def matmul_tflops(device, dtype):
 # ---------------------------------------------------------------- armorm
 
 
+# ---------------------------------------------------------------- the decisions, as written beforehand
+
+# The defaults' rules of perf-notes 15-17, written before any of these variants ran on a card: each step
+# of the fused-op chain against the step before it, on both cases, and FlashAttention-3 against
+# FlashAttention-2 on the same fused ops. (step, result key, the key it is measured against, least gain
+# on each case as a fraction). Run 2 repeated one binary within 0.5%, hence the thresholds.
+FUSED_STEPS = [("vector", "armorm_vector", "armorm", 0.03),
+               ("qkv", "armorm_qkv", "armorm_vector", 0.02),
+               ("gateup", "armorm_gateup", "armorm_qkv", 0.02),
+               ("accumulate", "armorm_accumulate", "armorm_gateup", 0.02)]
+# flash3: at least this much faster on long rows, and no more than the repeat spread slower on short.
+FLASH3_LONG_GAIN, FLASH3_SHORT_SLACK = 0.02, 0.005
+# "The Pearson figure unchanged": no lower than the one it replaces by more than this.
+PEARSON_SLACK = 1e-4
+
+
+def gains(res, new, old):
+    """{case: old seconds / new seconds - 1} over the cases both keys have, short and long."""
+    return {case: res[old][case]["seconds"] / res[new][case]["seconds"] - 1
+            for case in ("short", "long") if case in res.get(new, {}) and case in res.get(old, {})}
+
+
+def pearson_kept(res, new, old):
+    """Whether `new`'s Pearson figure against transformers-f32 is no lower than `old`'s (None: unknown)."""
+    p = res.get("pearson", {})
+    a, b = p.get(f"{new}_vs_tf32"), p.get("armorm_vs_tf32" if old == "armorm" else f"{old}_vs_tf32")
+    return None if a is None or b is None else a >= b - PEARSON_SLACK
+
+
+def decide(res):
+    """The rules above applied to a run's results: (lines to print, the fused steps adopted in order,
+    whether flash3 is adopted, the key of the configuration the adopted defaults would run)."""
+    lines, adopted, chain_open = [], [], True
+    fmt = lambda g: ", ".join(f"{c} {v:+.1%}" for c, v in g.items())  # noqa: E731
+    for step, new, old, least in FUSED_STEPS:
+        g = gains(res, new, old)
+        if len(g) < 2:
+            lines.append(f"{step}: not measured on both cases")
+            chain_open = False
+            continue
+        kept = pearson_kept(res, new, old)
+        ok = all(v >= least for v in g.values()) and kept is not False
+        lines.append(f"{step}: {fmt(g)} against {old} (rule >= {least:.0%} on both, Pearson kept: "
+                     f"{'unknown' if kept is None else kept}) -> {'ADOPT' if ok and chain_open else 'keep off'}"
+                     + ("" if chain_open or not ok else " (a step before it was not adopted)"))
+        if ok and chain_open:
+            adopted.append(step)
+        else:
+            chain_open = False
+    base = FUSED_STEPS[len(adopted) - 1][1] if adopted else "armorm"
+    # flash3 against flash on the adopted fused ops where that pair ran, else on the default's.
+    pair = ("armorm_flash3_all", "armorm_accumulate") if len(adopted) == len(FUSED_STEPS) else \
+        ("armorm_flash3", "armorm")
+    g = gains(res, *pair)
+    kept = pearson_kept(res, *pair)
+    flash3 = len(g) == 2 and g["long"] >= FLASH3_LONG_GAIN and g["short"] >= -FLASH3_SHORT_SLACK and \
+        kept is not False
+    if len(g) == 2:
+        lines.append(f"flash3: {fmt(g)} ({pair[0]} against {pair[1]}; rule long >= {FLASH3_LONG_GAIN:.0%}, "
+                     f"short >= -{FLASH3_SHORT_SLACK:.1%}, Pearson kept: {'unknown' if kept is None else kept}) "
+                     f"-> {'ADOPT' if flash3 else 'keep off'}")
+    else:
+        lines.append(f"flash3: {pair[0]} against {pair[1]} not measured on both cases")
+    for other in [("armorm_flash3", "armorm"), ("armorm_flash3_all", "armorm_accumulate")]:
+        if other != pair and len(gains(res, *other)) == 2:
+            lines.append(f"flash3 for information: {fmt(gains(res, *other))} ({other[0]} against {other[1]})")
+    if flash3:
+        base = pair[0] if pair[0] == "armorm_flash3_all" or not adopted else None
+        if base is None:
+            lines.append("flash3 with only some fused steps adopted ran in no phase: measure that pair")
+    fused = ",".join(adopted) or "none (the scalar fused ops stay)"
+    lines.append(f"defaults these rules give: fused steps {fused}; attention {'flash3' if flash3 else 'flash'}")
+    return lines, adopted, flash3, base
+
+
 class Armorm:
     """Runs the armorm binary; every run shares one CUDA JIT cache, so only the first compiles."""
 
@@ -836,6 +911,34 @@ class Check:
     def mfu(self, case, secs):
         return self.flops[case] / secs / 1e12 / BF16_DENSE_TFLOPS
 
+    def decided(self, res):
+        """Prints the pre-written rules' decisions (`decide`) and returns the issue's goals as the
+        configuration they adopt measured them, where that is not the default run itself."""
+        lines, adopted, flash3, key = decide(res)
+        res["decisions"] = dict(lines=lines, fused_steps=adopted, flash3=flash3, config=key)
+        for line in lines:
+            print(f"decision {line}")
+        goals = []
+        if key in (None, "armorm"):
+            return goals
+        for case, (ratio_goal, mfu_goal) in (("short", (1.5, 0.55)), ("long", (2.0, 0.45))):
+            run, tf = res.get(key, {}).get(case), res.get("tf_bf16", {}).get(case)
+            if not run:
+                continue
+            mfu = self.mfu(case, run["seconds"])
+            if tf:
+                best = min(tf["runs"].values())
+                goals.append((f"{case} with the adopted defaults ({key}): armorm / best transformers >= "
+                              f"{ratio_goal}x", f"{best / run['seconds']:.2f}x", best / run["seconds"] >= ratio_goal))
+            goals.append((f"{case} with the adopted defaults ({key}): MFU >= {mfu_goal:.0%}", f"{mfu:.1%}",
+                          mfu >= mfu_goal))
+        pv = res.get("pearson", {}).get(f"{key}_vs_tf32")
+        pt = res.get("pearson", {}).get("tf16_vs_tf32")
+        if pv is not None and pt is not None:
+            goals.append((f"bf16 with the adopted defaults ({key}): agrees with tf-f32 as well as tf-bf16 does",
+                          f"{pv:.5f} vs {pt:.5f}", pv >= pt - 1e-4))
+        return goals
+
     def pearson(self, a, b):
         keys = [i for i in self.acc_ids if i in a and i in b]
         if len(keys) < 3:
@@ -968,6 +1071,7 @@ class Check:
                           pa >= pt - 1e-4))
         if pa is not None:
             ok &= pa >= 0.99
+        goals += self.decided(res)
         res["goals"] = [dict(goal=g, value=v, met=m) for g, v, m in goals]
         for g, v, m in goals:
             p(f"goal {g}: {v} {'MET' if m else 'not met'}")
