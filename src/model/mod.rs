@@ -1,6 +1,7 @@
 //! ArmoRM in candle: the Llama backbone, the gated multi-objective head, and the flat batch they take.
 
 mod attention;
+mod check;
 pub mod config;
 mod fused;
 pub mod head;

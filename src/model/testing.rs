@@ -27,10 +27,9 @@ pub(crate) fn seeded_randn(mean: f32, std: f32, shape: impl Into<Shape>, seed: u
     Tensor::from_vec(values, shape, &Device::Cpu).expect("a CPU tensor of its own shape")
 }
 
-/// The largest |a - b| over every element.
+/// The largest |a - b| over every element; NaN anywhere gives infinity, so it fails any tolerance.
 pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
-    diff.expect("tensors of one shape and dtype f32")
+    super::check::abs_diff(a, b).expect("tensors of one shape")
 }
 
 #[cfg(test)]

@@ -305,12 +305,7 @@ pub fn flash_self_check(
         };
         let flash = grid.attend(kind, &q, &k, &v)?;
         let reference = grid.attend(AttentionKind::VarlenReference, &q, &k, &v)?;
-        let diff = (flash.to_dtype(DType::F32)? - reference.to_dtype(DType::F32)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+        worst = worst.max(super::check::abs_diff(&flash, &reference)?);
     }
     Ok(worst)
 }

@@ -10,6 +10,8 @@ use candle_core::{
     WithDType,
 };
 
+use super::check::relative_diff;
+
 /// silu(gate) · up in f32, rounded once to their dtype. `gate`, `up` (n, i) -> (n, i).
 pub(super) fn silu_mul(gate: &Tensor, up: &Tensor, vector: bool) -> Result<Tensor> {
     gate.apply_op2_no_bwd(up, &SiluMul { vector })
@@ -177,15 +179,6 @@ pub fn joined_self_check(device: &Device, dtype: DType, intermediate: usize) -> 
         worst = worst.max(relative_diff(&silu_mul_joined(&gu)?, &want)?);
     }
     Ok(worst)
-}
-
-/// max |a - b| / max(1, max |b|); NaN reads as infinity (the self-checks take the largest of several
-/// with `f32::max`, which would skip a NaN).
-fn relative_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let b = b.to_dtype(DType::F32)?;
-    let largest = |t: &Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
-    let diff = largest(&(a.to_dtype(DType::F32)? - &b)?)? / largest(&b)?.max(1.0);
-    Ok(if diff.is_nan() { f32::INFINITY } else { diff })
 }
 
 fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
