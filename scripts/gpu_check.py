@@ -88,6 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -904,7 +905,13 @@ class Check:
             self.timed("armorm blocked", self.blocked)
         self.res["phase_seconds"] = self.phase_seconds
         self.res["total_seconds"] = time.perf_counter() - T0
-        return self.summary()
+        try:
+            return self.summary()
+        except Exception:
+            # The phases' own log lines above still hold every figure; the JSON is written by main.
+            traceback.print_exc()
+            print("GPU CHECK FAILED: the summary itself failed (figures: the log above and the JSON)")
+            return False
 
     # -- the summary
 
@@ -1130,10 +1137,14 @@ def main():
     if unknown:
         ap.error(f"--skip: unknown phases {sorted(unknown)}; phases are {','.join(PHASES)}")
     check = Check(args)
-    ok = check.run()
-    path = Path(args.json) if args.json else check.work / "gpu-check.json"
-    path.write_text(json.dumps(check.res, indent=1, default=str))
-    print(f"numbers: {path}")
+    ok = False
+    try:
+        ok = check.run()
+    finally:
+        # Every number measured so far, even if the summary failed: a device lease is not repeated.
+        path = Path(args.json) if args.json else check.work / "gpu-check.json"
+        path.write_text(json.dumps(check.res, indent=1, default=str))
+        print(f"numbers: {path}")
     sys.exit(0 if ok else 1)
 
 
