@@ -313,7 +313,9 @@ impl Scorer {
         })
     }
 
-    /// The rows of continuation batches, run whole: the way out when sharing ran out of memory.
+    /// The rows of continuation batches, run whole: the way out when sharing ran out of memory. Each
+    /// row carries its prompt again, so they are batched afresh under the lowered budget; one pass of
+    /// them all would be several budgets long, and would only run out of memory again.
     fn score_whole(
         &self,
         model: &ArmoRM,
@@ -321,8 +323,16 @@ impl Scorer {
         batches: &[Vec<(usize, usize)>],
         out: &mut Vec<(usize, RowResult)>,
     ) -> candle_core::Result<usize> {
+        release_pool(model)?;
         let rows: Vec<usize> = batches.iter().flatten().map(|&(r, _)| r).collect();
-        self.score_rows(model, encoded, &rows, out)
+        let lens: Vec<usize> = rows.iter().map(|&r| encoded[r].ids.len()).collect();
+        let budget = self.budget.load(Ordering::Relaxed);
+        let mut padded = 0;
+        for batch in batch::plan(&lens, budget, self.cost()) {
+            let batch: Vec<usize> = batch.iter().map(|&i| rows[i]).collect();
+            padded += self.score_rows(model, encoded, &batch, out)?;
+        }
+        Ok(padded)
     }
 
     /// After an out-of-memory error on a pass of `tokens` padded tokens: later batches get half that.
@@ -363,14 +373,14 @@ impl Scorer {
             }
             Err(e) if rows.len() > 1 && is_out_of_memory(&e) => {
                 self.lower_budget(tokens);
-                release_pool(model);
+                release_pool(model)?;
                 let (a, b) = rows.split_at(rows.len() / 2);
                 Ok(self.score_rows(model, encoded, a, out)?
                     + self.score_rows(model, encoded, b, out)?)
             }
             // Nothing left to split: this row alone is too large for the device.
             Err(e) if is_out_of_memory(&e) => {
-                release_pool(model);
+                release_pool(model)?;
                 let failure = RowFailure::OutOfMemory {
                     tokens,
                     message: e.to_string(),
@@ -506,16 +516,23 @@ impl Cost {
     }
 }
 
-/// Best effort before a retry after running out of memory: the device's pool hands its free memory
-/// back to the driver (`loader::release_freed_memory`). If it cannot, the retry reports what fails.
-fn release_pool(model: &ArmoRM) {
+/// Before a retry after running out of memory: the device finishes its work, and its pool hands its
+/// free memory back to the driver (`loader::release_freed_memory`). An error the device reports on
+/// finishing is returned (it belongs to the work before, and must not be lost to the retry); a pool
+/// that cannot be trimmed only makes the retry likelier to fail, which it then reports.
+fn release_pool(model: &ArmoRM) -> candle_core::Result<()> {
+    model.device().synchronize()?;
     let _ = crate::loader::release_freed_memory(model.device());
+    Ok(())
 }
 
-/// candle passes the CUDA driver's error through as text.
+/// candle passes CUDA's errors through as text: the driver's out-of-memory, and cuBLAS failing to
+/// allocate its workspace.
 fn is_out_of_memory(e: &candle_core::Error) -> bool {
     let text = e.to_string();
-    text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
+    text.contains("OUT_OF_MEMORY")
+        || text.contains("out of memory")
+        || text.contains("ALLOC_FAILED")
 }
 
 /// The row's outputs if every one is a finite number.
@@ -532,5 +549,28 @@ fn finite(row: RowScore) -> RowResult {
     {
         Some((field, _)) => Err(RowFailure::NonFinite { field }),
         None => Ok(row),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_recognized_from_the_driver_and_from_cublas() {
+        let oom = |text: &str| is_out_of_memory(&candle_core::Error::Msg(text.into()));
+        // As candle renders cudarc's errors.
+        assert!(oom(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        ));
+        assert!(oom("CublasError(CUBLAS_STATUS_ALLOC_FAILED)"));
+        assert!(oom(
+            "fused accumulate: cuBLAS: CublasError(CUBLAS_STATUS_ALLOC_FAILED)"
+        ));
+        // A fault is not retried as if a smaller batch could fix it.
+        assert!(!oom(
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+        ));
+        assert!(!oom("CublasError(CUBLAS_STATUS_EXECUTION_FAILED)"));
     }
 }
