@@ -143,8 +143,13 @@ impl ModelArgs {
         for device in devices {
             let (model, config, encoder) = loader::load(&files, device, dtype)
                 .with_context(|| format!("loading model {}", files.name))?;
-            attention = loader::attention(&self.attention, device, dtype, config.head_dim())?;
-            models.push(with_kernels(model, attention, device, &config)?);
+            let asked = loader::attention(&self.attention, device, dtype, config.head_dim())?;
+            let model = with_kernels(model, asked, self.attention == "auto", device, &config)?;
+            // Devices that fell back to blocked attention set the budget and the metadata.
+            if models.is_empty() || model.attention() == AttentionKind::Blocked {
+                attention = model.attention();
+            }
+            models.push(model);
             loaded.get_or_insert((config, encoder));
         }
         let (config, encoder) = loaded.ok_or_else(|| anyhow::anyhow!("no device"))?;
@@ -227,9 +232,12 @@ fn attention_values() -> clap::builder::PossibleValuesParser {
 const SELF_CHECK_TOLERANCE: f32 = 5e-2;
 
 /// The model with its attention and (if asked for) the fused ops, each checked on the device first.
+/// Flash attention chosen by `--attention auto` falls back to blocked attention, with a warning, where
+/// its kernels fail the check (e.g. a build for another compute capability); named, it is refused.
 fn with_kernels(
     model: ArmoRM,
     attention: AttentionKind,
+    auto: bool,
     device: &candle_core::Device,
     config: &ArmoRMConfig,
 ) -> Result<ArmoRM> {
@@ -244,9 +252,15 @@ fn with_kernels(
         .context("joining the gate/up weights for ARMORM_FUSED_OPS=gateup")?
         .with_accumulate(fused.accumulate)
         .with_compute_dtype_residual(bf16_residual_requested());
-    if matches!(attention, AttentionKind::Flash | AttentionKind::Flash3) {
-        check_flash(&model, device)?;
-    }
+    let model = if matches!(attention, AttentionKind::Flash | AttentionKind::Flash3) {
+        let failure = flash_failure(&model, device);
+        match after_flash_check(attention, auto, failure)? {
+            AttentionKind::Blocked => model.with_attention(AttentionKind::Blocked),
+            _ => model,
+        }
+    } else {
+        model
+    };
     if model.fused_ops() {
         check_fused(&model, device, config)?;
     }
@@ -257,24 +271,43 @@ fn with_kernels(
     Ok(model)
 }
 
-/// Refuses flash attention whose kernels do not compute what the reference does on this device.
-fn check_flash(model: &ArmoRM, device: &candle_core::Device) -> Result<()> {
-    let (what, instead) = match model.attention() {
-        AttentionKind::Flash3 => ("FlashAttention-3", "--attention flash"),
-        _ => ("flash attention", "--attention blocked"),
+/// Why flash attention's kernels cannot be trusted on this device, or `None` when they compute what
+/// the reference does on random rows.
+fn flash_failure(model: &ArmoRM, device: &candle_core::Device) -> Option<String> {
+    let what = match model.attention() {
+        AttentionKind::Flash3 => "FlashAttention-3",
+        _ => "flash attention",
     };
-    let diff = model
-        .flash_self_check()
-        .with_context(|| format!("{what} self-check on {}", device_name(device)))?;
-    if diff > SELF_CHECK_TOLERANCE {
-        anyhow::bail!(
+    match model.flash_self_check() {
+        Err(e) => Some(format!("{what} self-check on {}: {e}", device_name(device))),
+        Ok(diff) if diff > SELF_CHECK_TOLERANCE => Some(format!(
             "{what} on {} differs from the reference by {diff} on random rows (allowed \
-             {SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device; use \
-             {instead}",
+             {SELF_CHECK_TOLERANCE}): its kernels do not run correctly on this device",
             device_name(device)
-        );
+        )),
+        Ok(_) => None,
     }
-    Ok(())
+}
+
+/// The attention that runs after flash attention's self-check (`failure`): the kind asked for if it
+/// passed; blocked, with a warning, if `auto` chose it; else an error that says what to use instead.
+fn after_flash_check(
+    kind: AttentionKind,
+    auto: bool,
+    failure: Option<String>,
+) -> Result<AttentionKind> {
+    let Some(why) = failure else {
+        return Ok(kind);
+    };
+    if auto {
+        eprintln!("armorm: {why}; --attention auto runs blocked attention instead");
+        return Ok(AttentionKind::Blocked);
+    }
+    let instead = match kind {
+        AttentionKind::Flash3 => "--attention flash",
+        _ => "--attention blocked",
+    };
+    anyhow::bail!("{why}; use {instead}")
 }
 
 /// Refuses fused ops whose kernels do not compute what candle's unfused ops do on this device.
@@ -505,6 +538,28 @@ impl ColumnArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flash_that_fails_its_check_falls_back_only_when_auto_chose_it() {
+        use AttentionKind::{Blocked, Flash, Flash3};
+        let failed =
+            || Some("flash attention on cuda:0 differs from the reference by 1.2".to_string());
+        assert_eq!(after_flash_check(Flash, true, None).unwrap(), Flash);
+        assert_eq!(after_flash_check(Flash, false, None).unwrap(), Flash);
+        assert_eq!(after_flash_check(Flash, true, failed()).unwrap(), Blocked);
+        let named = after_flash_check(Flash, false, failed())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            named.contains("differs from the reference by 1.2"),
+            "{named}"
+        );
+        assert!(named.ends_with("use --attention blocked"), "{named}");
+        let named = after_flash_check(Flash3, false, failed())
+            .unwrap_err()
+            .to_string();
+        assert!(named.ends_with("use --attention flash"), "{named}");
+    }
 
     #[derive(Parser)]
     struct Columns {
