@@ -11,6 +11,11 @@
 /// per-batch tensors) that makes many tiny batches worse than a little padding.
 pub const BATCH_OVERHEAD_TOKENS: usize = 64;
 
+/// The most rows in one batch: flash attention launches a grid with one block row per batch row, and a
+/// CUDA grid's y and z dimensions stop at 65,535 (a larger launch fails, and its kernels report no
+/// errors). Reached only with a budget far above `auto`'s, on tiny rows.
+pub const MAX_BATCH_ROWS: usize = 65_535;
+
 /// How a batch's tokens are counted, against the budget and as its cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cost {
@@ -27,6 +32,16 @@ pub enum Cost {
 /// `BATCH_OVERHEAD_TOKENS` per batch, each batch within `max_batch_tokens` (a row longer than the
 /// budget gets a batch of its own).
 pub fn plan(lens: &[usize], max_batch_tokens: usize, cost: Cost) -> Vec<Vec<usize>> {
+    plan_rows(lens, max_batch_tokens, MAX_BATCH_ROWS, cost)
+}
+
+/// `plan`, with at most `max_rows` rows in a batch.
+fn plan_rows(
+    lens: &[usize],
+    max_batch_tokens: usize,
+    max_rows: usize,
+    cost: Cost,
+) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&i| (lens[i], i));
     let sorted: Vec<usize> = order.iter().map(|&i| lens[i]).collect();
@@ -49,7 +64,7 @@ pub fn plan(lens: &[usize], max_batch_tokens: usize, cost: Cost) -> Vec<Vec<usiz
     for i in 1..=n {
         for j in (0..i).rev() {
             let tokens = size(j, i);
-            if i - j > 1 && tokens > max_batch_tokens {
+            if i - j > 1 && (tokens > max_batch_tokens || i - j > max_rows) {
                 break;
             }
             let total = best[j] + tokens + BATCH_OVERHEAD_TOKENS;
@@ -151,6 +166,20 @@ mod tests {
         for b in &flat {
             assert!(b.iter().map(|&i| lens[i]).sum::<usize>() <= budget, "{b:?}");
         }
+    }
+
+    /// Tiny rows under a huge budget: the row cap cuts where the budget would not, and a row alone
+    /// (longer than the budget) still gets its batch.
+    #[test]
+    fn batches_hold_at_most_the_row_cap() {
+        let lens = vec![3; 10];
+        for cost in [Cost::Flat, Cost::Padded] {
+            let batches = plan_rows(&lens, 1_000_000, 4, cost);
+            assert_eq!(batches.len(), 3, "{batches:?}");
+            assert!(batches.iter().all(|b| b.len() <= 4), "{batches:?}");
+            assert_eq!(plan_rows(&[50], 10, 1, cost), [vec![0]]);
+        }
+        assert_eq!(MAX_BATCH_ROWS, 65_535);
     }
 
     #[test]

@@ -469,9 +469,13 @@ impl RunArgs {
             (true, Some(n)) => (n as usize).min(threads),
             (true, None) => threads,
         };
-        let per_lane = (threads / lanes).max(1).to_string();
-        for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
-            std::env::set_var(var, &per_lane);
+        // candle's CPU matmul and MKL read these. On a GPU they are left alone: nothing there needs
+        // them, and the driver's threads already run, whose reads of the environment would race.
+        if cpu {
+            let per_lane = (threads / lanes).max(1).to_string();
+            for var in ["RAYON_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"] {
+                std::env::set_var(var, &per_lane);
+            }
         }
         // Tokenization and candle's row-wise ops (softmax, norms) use the whole machine, whatever
         // RAYON_NUM_THREADS says to candle's matmul. An error means the pool already exists (a

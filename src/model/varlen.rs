@@ -7,6 +7,9 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::llama::Past;
 
+/// Flash attention's grid has a block row per batch row in a dimension CUDA caps at 65,535.
+const MAX_GRID_ROWS: usize = 65_535;
+
 /// How the backbone computes attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKind {
@@ -179,6 +182,13 @@ impl Varlen {
         v: &Tensor,
     ) -> Result<Tensor> {
         let scale = 1.0 / (q.dim(2)? as f32).sqrt();
+        let rows = self.cu_q.len() - 1;
+        if matches!(kind, AttentionKind::Flash | AttentionKind::Flash3) && rows > MAX_GRID_ROWS {
+            // The launch would fail, and the kernels report no errors: refuse rather than return garbage.
+            candle_core::bail!(
+                "flash attention takes at most {MAX_GRID_ROWS} rows in a batch, not {rows}"
+            )
+        }
         match kind {
             AttentionKind::Flash => self.flash(q, k, v, scale),
             AttentionKind::Flash3 if self.cu_q == self.cu_k => self.flash3(q, k, v, scale),
@@ -387,6 +397,20 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("flash-attn feature"), "{err}");
         assert!(!err.to_string().contains("v3"), "{err}");
+    }
+
+    /// More rows than a CUDA grid dimension holds: refused before any kernel is launched (a failed
+    /// launch would return garbage), whichever flash kernel was asked for.
+    #[test]
+    fn flash_refuses_more_rows_than_its_grid_holds() {
+        let rows = MAX_GRID_ROWS + 1;
+        let cu: Vec<usize> = (0..=rows).collect();
+        let grid = Varlen::from_cu(&cu, &cu, None, &Device::Cpu).unwrap();
+        let x = |h: usize| Tensor::zeros((rows, h, 8), DType::F32, &Device::Cpu).unwrap();
+        for kind in [AttentionKind::Flash, AttentionKind::Flash3] {
+            let err = grid.attend(kind, &x(2), &x(1), &x(1)).unwrap_err();
+            assert!(err.to_string().contains("at most 65535 rows"), "{err}");
+        }
     }
 
     #[test]
