@@ -192,6 +192,23 @@ def model_flops(cfg, lens):
     return sum(per_token * t + 4 * L * t * t * h for t in lens)
 
 
+def required_flops(cfg, lens, picks=2):
+    """The FLOPs a score requires, for rows of these lengths: causal attention (each query against the
+    keys up to it), and the last layer only where it is read (the last token and the gating token),
+    with its keys and values for every token. `model_flops` counts more (full-square attention, every
+    layer at every token): the count issue 10's first MFU figures used."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    q_o, k_v, mlp = 2 * 2 * h * h, 2 * 2 * h * kv, 2 * 3 * h * i
+    total = 0
+    for t in lens:
+        # Per layer: the projections, and 4·h FLOPs (QKᵀ and PV) per query-key pair, t(t+1)/2 pairs.
+        total += (L - 1) * (t * (q_o + k_v + mlp) + 2 * h * t * (t + 1))
+        total += t * k_v + picks * (q_o + mlp + 4 * h * t)
+    return total
+
+
 def sharing_flops(cfg, groups):
     """Backbone FLOPs (causal attention: each query against the keys up to it) of `groups`, each
     (prefix tokens, [response tokens...]): every row run whole, and each prefix once with the responses
