@@ -516,14 +516,11 @@ impl Cost {
     }
 }
 
-/// Before a retry after running out of memory: the device finishes its work, and its pool hands its
+/// Before a retry after running out of memory: the device finishes its work and its pool hands its
 /// free memory back to the driver (`loader::release_freed_memory`). An error the device reports on
-/// finishing is returned (it belongs to the work before, and must not be lost to the retry); a pool
-/// that cannot be trimmed only makes the retry likelier to fail, which it then reports.
+/// finishing belongs to the work before, and is returned rather than lost to the retry.
 fn release_pool(model: &ArmoRM) -> candle_core::Result<()> {
-    model.device().synchronize()?;
-    let _ = crate::loader::release_freed_memory(model.device());
-    Ok(())
+    crate::loader::release_freed_memory(model.device())
 }
 
 /// candle passes CUDA's errors through as text: the driver's out-of-memory, and cuBLAS failing to

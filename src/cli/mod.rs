@@ -265,9 +265,9 @@ fn with_kernels(
         check_fused(&model, device, config)?;
     }
     // The weights the joined GEMMs replaced and the self-checks' tensors sit freed in the memory pool,
-    // which the free-memory reading behind the token budget would count as used. Speed only: a driver
-    // without pools has nothing to trim and scores the same.
-    let _ = loader::release_freed_memory(device);
+    // which the free-memory reading behind the token budget would count as used.
+    loader::release_freed_memory(device)
+        .with_context(|| format!("finishing the self-checks on {}", device_name(device)))?;
     Ok(model)
 }
 
