@@ -89,23 +89,11 @@ fn flat_rows_share_prefixes_with_the_same_results() {
 #[test]
 fn flash_kernels_are_refused_with_the_reason_where_they_cannot_run() {
     let input = fixtures().join("conversations.jsonl");
-    let model = model_dir(TINY);
     for (attention, feature, instead) in [
         ("flash", "flash-attn", "--attention blocked"),
         ("flash3", "flash-attn-v3", "--attention auto"),
     ] {
-        let out = armorm(&[
-            "score",
-            input.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "-o",
-            "-",
-            "--device",
-            "cpu",
-            "--attention",
-            attention,
-        ]);
+        let out = score_to(&input, TINY, "-", &["--attention", attention], &[]);
         assert_eq!(out.status.code(), Some(1), "{attention}");
         assert!(out.stdout.is_empty());
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -128,25 +116,13 @@ fn flash_kernels_are_refused_with_the_reason_where_they_cannot_run() {
 fn the_output_records_the_attention() {
     let dir = tempfile::tempdir().unwrap();
     let input = fixtures().join("conversations.jsonl");
-    let model = model_dir(TINY);
     let flat_300 = [FLAT, &["--max-batch-tokens", "300"]].concat();
     for (extra, want, budget) in [
         (&[][..], "blocked", 16384),
         (&flat_300[..], "varlen-reference", 300),
     ] {
         let out = dir.path().join(format!("{want}.parquet"));
-        let mut args = vec![
-            "score",
-            input.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ];
-        args.extend_from_slice(extra);
-        let run = armorm(&args);
+        let run = score_to(&input, TINY, out.to_str().unwrap(), extra, &[]);
         assert!(
             run.status.success(),
             "{}",
@@ -251,16 +227,8 @@ fn one_qkv_gemm_matches_transformers() {
     }
 
     let out = dir.path().join("refused.parquet");
-    let model = model_dir(TINY);
-    let args = [
-        "score",
-        input.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    let run = armorm_with(&args, None, &[("ARMORM_FUSED_OPS", "vector,qvk")]);
+    let env = [("ARMORM_FUSED_OPS", "vector,qvk")];
+    let run = score_to(&input, TINY, out.to_str().unwrap(), &[], &env);
     assert_eq!(run.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(

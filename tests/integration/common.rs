@@ -127,6 +127,31 @@ pub fn armorm_with(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
     child.wait_with_output().unwrap()
 }
 
+/// `armorm score INPUT --model MODEL -o OUT` (a fixture model; on the CPU unless `extra` names a
+/// device) with `extra` and `env`: the process's output, for runs that may fail.
+pub fn score_to(
+    input: &Path,
+    model: &str,
+    out: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let model = model_dir(model);
+    let mut args = vec![
+        "score",
+        input.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        out,
+    ];
+    if !extra.contains(&"--device") {
+        args.extend(["--device", "cpu"]);
+    }
+    args.extend_from_slice(extra);
+    armorm_with(&args, None, env)
+}
+
 /// Runs `armorm score` and returns stdout's JSONL rows; panics with stderr on failure.
 pub fn score_jsonl(input: &Path, model: &str, extra: &[&str]) -> Vec<Scored> {
     score_jsonl_with(input, model, extra, &[]).0
@@ -139,20 +164,7 @@ pub fn score_jsonl_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Vec<Scored>, String) {
-    let model = model_dir(model);
-    let mut args = vec![
-        "score",
-        input.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "-o",
-        "-",
-    ];
-    if !extra.contains(&"--device") {
-        args.extend(["--device", "cpu"]);
-    }
-    args.extend_from_slice(extra);
-    let out = armorm_with(&args, None, env);
+    let out = score_to(input, model, "-", extra, env);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "armorm failed: {stderr}");
     (parse_jsonl(&String::from_utf8(out.stdout).unwrap()), stderr)
